@@ -1,0 +1,123 @@
+// Package app is the kubediskguard-webhook command: its options and the
+// manager that serves the admission handler.
+package app
+
+import (
+	"fmt"
+	"strings"
+
+	"k8s.io/apimachinery/pkg/labels"
+	"sigs.k8s.io/controller-runtime/pkg/log/zap"
+
+	"github.com/kubediskguard/kubediskguard/shared/config"
+	"github.com/kubediskguard/kubediskguard/shared/limits"
+	"github.com/kubediskguard/kubediskguard/webhook/mutate"
+	"github.com/kubediskguard/kubediskguard/webhook/resolve"
+)
+
+// Options is the webhook's whole configuration.
+type Options struct {
+	CertDir            string
+	Port               int
+	MetricsBindAddress string
+	HealthProbeAddress string
+	Kubeconfig         string
+	Resolve            resolve.Config
+	Log                zap.Options
+}
+
+// Defaults of the SPEC.
+const (
+	DefaultContainerIOPS     = 500
+	DefaultExcludeKeywords   = "pause,istio-proxy,psmdb,kube-system,koordinator,apisix"
+	DefaultExcludeNamespaces = "kube-system"
+	DefaultCertDir           = "/tmp/k8s-webhook-server/serving-certs"
+)
+
+// ParseOptions reads the options from the command line and the environment
+// (lookupEnv is normally os.LookupEnv). A bad value is an error naming it.
+func ParseOptions(args []string, lookupEnv func(string) (string, bool)) (*Options, error) {
+	o := &Options{}
+	fs := config.NewFlagSet("kubediskguard-webhook")
+	fs.StringVar(&o.CertDir, "cert-dir", DefaultCertDir, "directory holding tls.crt and tls.key; reloaded when they change")
+	fs.IntVar(&o.Port, "port", 9443, "port of the HTTPS server that serves "+mutate.Path)
+	fs.StringVar(&o.MetricsBindAddress, "metrics-bind-address", ":8080", `address of the Prometheus metrics endpoint ("0" disables it)`)
+	fs.StringVar(&o.HealthProbeAddress, "health-probe-bind-address", ":8081", "address of /healthz and /readyz")
+	fs.StringVar(&o.Kubeconfig, "kubeconfig", "", "kubeconfig file, for running outside the cluster (default: in-cluster or $KUBECONFIG)")
+
+	o.Resolve.Defaults.Set(limits.KeyIOPS, DefaultContainerIOPS)
+	for _, d := range []struct {
+		env string
+		key limits.Key
+	}{
+		{"CONTAINER_IOPS_LIMIT", limits.KeyIOPS},
+		{"CONTAINER_READ_IOPS_LIMIT", limits.KeyReadIOPS},
+		{"CONTAINER_WRITE_IOPS_LIMIT", limits.KeyWriteIOPS},
+		{"CONTAINER_READ_BPS_LIMIT", limits.KeyReadBPS},
+		{"CONTAINER_WRITE_BPS_LIMIT", limits.KeyWriteBPS},
+	} {
+		name := envToFlag(d.env)
+		fs.Var(&defaultValue{&o.Resolve.Defaults, d.key}, name, fmt.Sprintf("default %s of a container (0 or unlimited: none)", d.key))
+		fs.Env(name, d.env)
+	}
+
+	keywords := config.StringList(strings.Split(DefaultExcludeKeywords, ","))
+	namespaces := config.StringList(strings.Split(DefaultExcludeNamespaces, ","))
+	var selector string
+	fs.Var(&keywords, "exclude-keywords", "comma-separated keywords: a container whose name or image contains one gets no limit")
+	fs.Env("exclude-keywords", "EXCLUDE_KEYWORDS")
+	fs.Var(&namespaces, "exclude-namespaces", "comma-separated namespaces whose pods are never changed")
+	fs.Env("exclude-namespaces", "EXCLUDE_NAMESPACES")
+	fs.StringVar(&selector, "exclude-pod-selector", "", "label selector of pods that get no limits, e.g. 'app in (db),tier!=infra'")
+	fs.Env("exclude-pod-selector", "EXCLUDE_POD_SELECTOR")
+	o.Log.BindFlags(fs.FlagSet)
+
+	if err := fs.Parse(args, lookupEnv); err != nil {
+		return nil, fmt.Errorf("%w\n%s", err, fs.Usage())
+	}
+	o.Resolve.ExcludeKeywords = keywords
+	o.Resolve.ExcludeNamespaces = namespaces
+	if strings.TrimSpace(selector) != "" {
+		sel, err := labels.Parse(selector)
+		if err != nil {
+			return nil, fmt.Errorf("invalid value %q for --exclude-pod-selector / EXCLUDE_POD_SELECTOR: %w", selector, err)
+		}
+		o.Resolve.ExcludePodSelector = sel
+	}
+	if o.Port <= 0 || o.Port > 65535 {
+		return nil, fmt.Errorf("invalid value %d for --port: want 1-65535", o.Port)
+	}
+	if o.CertDir == "" {
+		return nil, fmt.Errorf("--cert-dir must not be empty")
+	}
+	return o, nil
+}
+
+// envToFlag turns CONTAINER_IOPS_LIMIT into container-iops-limit.
+func envToFlag(env string) string { return strings.ToLower(strings.ReplaceAll(env, "_", "-")) }
+
+// defaultValue is a flag that sets one key of the webhook defaults.
+type defaultValue struct {
+	s   *resolve.Settings
+	key limits.Key
+}
+
+func (v *defaultValue) Set(s string) error {
+	n, err := limits.ParseValue(v.key, s)
+	if err != nil {
+		return err
+	}
+	v.s.Set(v.key, n)
+	return nil
+}
+
+func (v *defaultValue) String() string {
+	if v == nil || v.s == nil {
+		return ""
+	}
+	n, ok := v.s.Get(v.key)
+	if !ok {
+		return ""
+	}
+	return fmt.Sprint(n)
+}

@@ -18,7 +18,6 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/metrics"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 	"sigs.k8s.io/controller-runtime/pkg/webhook"
-	"sigs.k8s.io/controller-runtime/pkg/webhook/admission"
 
 	"github.com/kubediskguard/kubediskguard/webhook/mutate"
 )
@@ -75,11 +74,10 @@ func Run(ctx context.Context, o *Options, cfg *rest.Config) error {
 	handler := &mutate.PodLimiter{
 		Resolver:   &o.Resolve,
 		Namespaces: mutate.CachedNamespaces{Cache: mgr.GetCache(), API: mgr.GetAPIReader()},
-		Decoder:    admission.NewDecoder(scheme),
 		Metrics:    m,
 	}
 	srv := mgr.GetWebhookServer()
-	srv.Register(mutate.Path, &admission.Webhook{Handler: handler, RecoverPanic: ptr.To(true)})
+	srv.Register(mutate.Path, handler.Webhook())
 
 	if err := mgr.AddHealthzCheck("ping", healthz.Ping); err != nil {
 		return err

@@ -4,13 +4,13 @@ package mutate
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"net/http"
 
 	admissionv1 "k8s.io/api/admission/v1"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/utils/ptr"
 	logf "sigs.k8s.io/controller-runtime/pkg/log"
 	"sigs.k8s.io/controller-runtime/pkg/webhook/admission"
 
@@ -30,11 +30,16 @@ type NamespaceReader interface {
 type PodLimiter struct {
 	Resolver   *resolve.Config
 	Namespaces NamespaceReader
-	Decoder    admission.Decoder
 	Metrics    *Metrics
 }
 
 var _ admission.Handler = &PodLimiter{}
+
+// Webhook wraps the handler for serving: a panic becomes a 500 answer that
+// keeps the request's UID, never a crash.
+func (h *PodLimiter) Webhook() *admission.Webhook {
+	return &admission.Webhook{Handler: h, RecoverPanic: ptr.To(true)}
+}
 
 // Decisions, as counted by the kubediskguard_webhook_pods_total metric.
 const (
@@ -55,8 +60,8 @@ func (h *PodLimiter) Handle(ctx context.Context, req admission.Request) admissio
 		return h.count(decisionSkipped, admission.Allowed("not a pod create or update"))
 	}
 
-	pod := &corev1.Pod{}
-	if err := h.Decoder.Decode(req, pod); err != nil {
+	pod, hasMetadata, err := decodePod(req.Object.Raw)
+	if err != nil {
 		return h.count(decisionError, admission.Errored(http.StatusBadRequest, fmt.Errorf("decoding pod: %w", err)))
 	}
 	if req.Operation == admissionv1.Update && pod.DeletionTimestamp != nil {
@@ -87,16 +92,12 @@ func (h *PodLimiter) Handle(ctx context.Context, req admission.Request) admissio
 	if old, ok := pod.Annotations[limits.ResolvedAnnotation]; ok && old == value {
 		return h.count(decisionUnchanged, admission.Allowed("limits unchanged").WithWarnings(res.Messages()...))
 	}
-	if pod.Annotations == nil {
-		pod.Annotations = make(map[string]string, 1)
-	}
-	pod.Annotations[limits.ResolvedAnnotation] = value
-	mutated, err := json.Marshal(pod)
+	patch, err := resolvedPatch(pod, hasMetadata, value)
 	if err != nil {
-		return h.count(decisionError, admission.Errored(http.StatusInternalServerError, fmt.Errorf("encoding pod: %w", err)))
+		return h.count(decisionError, admission.Errored(http.StatusInternalServerError, fmt.Errorf("computing the patch: %w", err)))
 	}
 	log.V(1).Info("pod stamped", "pod", podName(pod), "limits", value, "reason", res.Reason)
-	return h.count(decisionStamped, admission.PatchResponseFromRaw(req.Object.Raw, mutated).WithWarnings(res.Messages()...))
+	return h.count(decisionStamped, admission.Patched("", patch...).WithWarnings(res.Messages()...))
 }
 
 func (h *PodLimiter) count(decision string, resp admission.Response) admission.Response {

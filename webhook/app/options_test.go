@@ -1,0 +1,114 @@
+package app
+
+import (
+	"reflect"
+	"strings"
+	"testing"
+)
+
+func env(m map[string]string) func(string) (string, bool) {
+	return func(k string) (string, bool) { v, ok := m[k]; return v, ok }
+}
+
+func TestParseOptions(t *testing.T) {
+	tests := map[string]struct {
+		args    []string
+		env     map[string]string
+		check   func(t *testing.T, o *Options)
+		wantErr string
+	}{
+		"uses the SPEC's defaults when nothing is set": {
+			check: func(t *testing.T, o *Options) {
+				if o.Port != 9443 || o.MetricsBindAddress != ":8080" || o.HealthProbeAddress != ":8081" || o.CertDir != DefaultCertDir {
+					t.Errorf("server options = %+v", o)
+				}
+				wantSettings(t, o, "iops=500")
+				if got := strings.Join(o.Resolve.ExcludeKeywords, ","); got != DefaultExcludeKeywords {
+					t.Errorf("keywords = %q", got)
+				}
+				if !reflect.DeepEqual(o.Resolve.ExcludeNamespaces, []string{"kube-system"}) || o.Resolve.ExcludePodSelector != nil {
+					t.Errorf("exclusions = %v, %v", o.Resolve.ExcludeNamespaces, o.Resolve.ExcludePodSelector)
+				}
+			},
+		},
+		"lets environment variables set the defaults and exclusions": {
+			env: map[string]string{
+				"CONTAINER_IOPS_LIMIT": "800", "CONTAINER_READ_IOPS_LIMIT": "unlimited", "CONTAINER_WRITE_BPS_LIMIT": "50Mi",
+				"EXCLUDE_KEYWORDS": "sidecar, ,proxy", "EXCLUDE_NAMESPACES": "kube-system,monitoring", "EXCLUDE_POD_SELECTOR": "app in (db),tier!=infra",
+			},
+			check: func(t *testing.T, o *Options) {
+				wantSettings(t, o, "iops=800 read-iops=unlimited write-bps=50Mi")
+				if !reflect.DeepEqual(o.Resolve.ExcludeKeywords, []string{"sidecar", "proxy"}) {
+					t.Errorf("keywords = %q", o.Resolve.ExcludeKeywords)
+				}
+				if !reflect.DeepEqual(o.Resolve.ExcludeNamespaces, []string{"kube-system", "monitoring"}) {
+					t.Errorf("namespaces = %q", o.Resolve.ExcludeNamespaces)
+				}
+				if o.Resolve.ExcludePodSelector.String() != "app in (db),tier!=infra" {
+					t.Errorf("selector = %v", o.Resolve.ExcludePodSelector)
+				}
+			},
+		},
+		"lets a flag override the environment": {
+			args: []string{"--container-iops-limit=100", "--port=10250", "--cert-dir=/certs", "--exclude-keywords="},
+			env:  map[string]string{"CONTAINER_IOPS_LIMIT": "800"},
+			check: func(t *testing.T, o *Options) {
+				wantSettings(t, o, "iops=100")
+				if o.Port != 10250 || o.CertDir != "/certs" || len(o.Resolve.ExcludeKeywords) != 0 {
+					t.Errorf("options = %+v", o)
+				}
+			},
+		},
+		"names the environment variable holding a bad limit": {
+			env:     map[string]string{"CONTAINER_READ_BPS_LIMIT": "fast"},
+			wantErr: `invalid value "fast" for environment variable CONTAINER_READ_BPS_LIMIT`,
+		},
+		"names the flag holding a bad limit": {
+			args:    []string{"--container-write-iops-limit=-1"},
+			wantErr: `invalid value "-1" for flag -container-write-iops-limit`,
+		},
+		"names a bad pod selector": {
+			env:     map[string]string{"EXCLUDE_POD_SELECTOR": "app in (db"},
+			wantErr: `invalid value "app in (db" for --exclude-pod-selector / EXCLUDE_POD_SELECTOR`,
+		},
+		"rejects an unknown flag": {
+			args:    []string{"--iops=5"},
+			wantErr: "flag provided but not defined: -iops",
+		},
+		"rejects a port out of range": {
+			args:    []string{"--port=70000"},
+			wantErr: "invalid value 70000 for --port",
+		},
+		"reports every bad setting at once": {
+			env:     map[string]string{"CONTAINER_IOPS_LIMIT": "x", "CONTAINER_WRITE_IOPS_LIMIT": "y"},
+			wantErr: "CONTAINER_IOPS_LIMIT",
+		},
+	}
+	for name, tc := range tests {
+		t.Run(name, func(t *testing.T) {
+			o, err := ParseOptions(tc.args, env(tc.env))
+			if tc.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+					t.Fatalf("err = %v, want it to contain %q", err, tc.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			tc.check(t, o)
+		})
+	}
+	// The last case must name both variables.
+	_, err := ParseOptions(nil, env(map[string]string{"CONTAINER_IOPS_LIMIT": "x", "CONTAINER_WRITE_IOPS_LIMIT": "y"}))
+	if err == nil || !strings.Contains(err.Error(), "CONTAINER_WRITE_IOPS_LIMIT") {
+		t.Fatalf("err = %v, want both variables named", err)
+	}
+}
+
+func wantSettings(t *testing.T, o *Options, want string) {
+	t.Helper()
+	if got := o.Resolve.Defaults.String(); got != want {
+		t.Errorf("defaults = %q, want %q", got, want)
+	}
+}

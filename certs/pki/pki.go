@@ -146,6 +146,23 @@ func WriteDir(dir string, s *Serving, ca *CA) error {
 	return nil
 }
 
+// WriteNew makes a fresh CA and a serving certificate for hosts, both valid
+// for validFor, and writes them into dir with WriteDir.
+func WriteNew(dir string, hosts []string, validFor time.Duration) (*Serving, *CA, error) {
+	ca, err := NewCA("kubediskguard-ca", validFor)
+	if err != nil {
+		return nil, nil, err
+	}
+	s, err := ca.Issue(hosts, validFor)
+	if err != nil {
+		return nil, nil, err
+	}
+	if err := WriteDir(dir, s, ca); err != nil {
+		return nil, nil, fmt.Errorf("writing certificates to %s: %w", dir, err)
+	}
+	return s, ca, nil
+}
+
 func serial() *big.Int {
 	n, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
 	if err != nil {

@@ -343,13 +343,17 @@ func TestClampsAndIgnoredNamespaceSettingsReachTheClientAsWarnings(t *testing.T)
 	ns := p.namespace(t, true, map[string]string{limits.MaxIOPSAnnotation: "1000", limits.Prefix + "bps": "fast"})
 	pod := createPod(t, cs, ns, testPod("clamped", map[string]string{limits.Prefix + "write-iops": "5000"}))
 	wantResolved(t, pod, limits.Resolved{"app": {ReadIOPS: 500, WriteIOPS: 1000}})
-	got := strings.Join(w.all(), "\n")
-	for _, want := range []string{
+	containsAll(t, "client warnings", strings.Join(w.all(), "\n"),
 		fmt.Sprintf(`container "app": clamped to the ceilings of namespace %q: write-iops 5000 to 1000`, ns),
-		fmt.Sprintf(`namespace %q: ignoring invalid annotation kubediskguard.io/bps="fast"`, ns),
-	} {
-		if !strings.Contains(got, want) {
-			t.Errorf("client warnings:\n%s\nwant one containing %q", got, want)
+		fmt.Sprintf(`namespace %q: ignoring invalid annotation kubediskguard.io/bps="fast"`, ns))
+}
+
+// containsAll checks that text contains every one of wants.
+func containsAll(t *testing.T, what, text string, wants ...string) {
+	t.Helper()
+	for _, want := range wants {
+		if !strings.Contains(text, want) {
+			t.Errorf("%s:\n%s\nwant it to contain %q", what, text, want)
 		}
 	}
 }
@@ -366,17 +370,11 @@ func TestInvalidValuesAreRefusedNamingTheKeyAndValue(t *testing.T) {
 	if err == nil {
 		t.Fatal("a pod with invalid limits was admitted")
 	}
-	msg := err.Error()
-	for _, want := range []string{
+	containsAll(t, "error", err.Error(),
 		`denied the request`,
 		`metadata.annotations[kubediskguard.io/read-iops]: Invalid value: "-5"`,
 		`metadata.annotations[container.kubediskguard.io/app]: Invalid value: "write-iops=10,speed=fast": unknown key "speed"`,
-		`metadata.annotations[container.kubediskguard.io/db]: Invalid value: "iops=1": the pod has no container or init container named "db"`,
-	} {
-		if !strings.Contains(msg, want) {
-			t.Errorf("error:\n%s\nwant it to contain %q", msg, want)
-		}
-	}
+		`metadata.annotations[container.kubediskguard.io/db]: Invalid value: "iops=1": the pod has no container or init container named "db"`)
 }
 
 func TestAForgedResolvedAnnotationIsReplaced(t *testing.T) {

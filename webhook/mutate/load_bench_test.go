@@ -37,16 +37,9 @@ func BenchmarkLoad(b *testing.B) {
 	}
 	const rate = 1000
 
-	ca, err := pki.NewCA("kubediskguard-bench-ca", time.Hour)
-	if err != nil {
-		b.Fatal(err)
-	}
-	serving, err := ca.Issue([]string{"127.0.0.1"}, time.Hour)
-	if err != nil {
-		b.Fatal(err)
-	}
 	certDir := b.TempDir()
-	if err := pki.WriteDir(certDir, serving, ca); err != nil {
+	_, ca, err := pki.WriteNew(certDir, []string{"127.0.0.1"}, time.Hour)
+	if err != nil {
 		b.Fatal(err)
 	}
 	noop := &admission.Webhook{Handler: admission.HandlerFunc(func(context.Context, admission.Request) admission.Response {

@@ -9,6 +9,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"os"
@@ -38,6 +39,7 @@ import (
 const excludeLabel = "kubediskguard.test/exclude"
 
 type plane struct {
+	metrics    string // address of the webhook's metrics endpoint
 	env        *envtest.Environment
 	cfg        *rest.Config
 	kubeconfig string
@@ -117,11 +119,14 @@ func start(assets string) (*plane, error) {
 	if err != nil {
 		return nil, err
 	}
+	if p.metrics, err = freeAddr(); err != nil {
+		return nil, err
+	}
 	wo := p.env.WebhookInstallOptions
 	o, err := app.ParseOptions([]string{
 		"--cert-dir=" + wo.LocalServingCertDir,
 		fmt.Sprintf("--port=%d", wo.LocalServingPort),
-		"--metrics-bind-address=0",
+		"--metrics-bind-address=" + p.metrics,
 		"--health-probe-bind-address=" + probe,
 		"--exclude-pod-selector=" + excludeLabel + "=true",
 	}, func(string) (string, bool) { return "", false })
@@ -507,4 +512,46 @@ func tail(s string, n int) string {
 		return s[len(s)-n:]
 	}
 	return s
+}
+
+func TestMetricsCountTheDecisions(t *testing.T) {
+	p := controlPlane(t)
+	cs, _ := p.clientset(t)
+	ns := p.namespace(t, true, map[string]string{limits.MaxIOPSAnnotation: "100"})
+	createPod(t, cs, ns, testPod("counted", nil))
+	_, _ = cs.CoreV1().Pods(ns).Create(context.Background(), testPod("refused", map[string]string{limits.Prefix + "iops": "x"}), metav1.CreateOptions{})
+
+	resp, err := http.Get("http://" + p.metrics + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, series := range []string{
+		`kubediskguard_webhook_pods_total{decision="stamped"}`,
+		`kubediskguard_webhook_pods_total{decision="denied"}`,
+		`kubediskguard_webhook_warnings_total{kind="clamp"}`,
+		`controller_runtime_webhook_requests_total{code="200",webhook="/mutate-v1-pod"}`,
+	} {
+		v, ok := metricValue(string(body), series)
+		if !ok || v < 1 {
+			t.Errorf("metric %s = %v (present %v), want at least 1", series, v, ok)
+		}
+	}
+}
+
+// metricValue finds one series' value in a Prometheus text exposition.
+func metricValue(text, series string) (float64, bool) {
+	for _, line := range strings.Split(text, "\n") {
+		if rest, ok := strings.CutPrefix(line, series+" "); ok {
+			var v float64
+			if _, err := fmt.Sscan(rest, &v); err == nil {
+				return v, true
+			}
+		}
+	}
+	return 0, false
 }

@@ -12,9 +12,12 @@ BIN          ?= $(CURDIR)/bin
 GO           ?= go
 GOTEST_FLAGS ?= -count=1 -timeout 60m
 
-export KUBEBUILDER_ASSETS := $(TEST_BIN_DIR)
+VM_DIR       ?= $(CACHE)/vm
 
-.PHONY: build test unit-test lint bench bench-load test-bins fuzz demo clean
+export KUBEBUILDER_ASSETS := $(TEST_BIN_DIR)
+export KDG_VM_DIR := $(VM_DIR)
+
+.PHONY: build test unit-test lint bench bench-load test-bins vm-kernel fuzz demo clean
 
 ## build: the two binaries into bin/
 build:
@@ -26,8 +29,13 @@ $(TEST_BIN_DIR)/.complete: hack/test-bins.sh hack/tools/kube/go.mod hack/tools/e
 	KUBE_VERSION=$(KUBE_VERSION) ETCD_VERSION=$(ETCD_VERSION) bash hack/test-bins.sh $(TEST_BIN_DIR)
 	touch $@
 
+## vm-kernel: qemu, cpio and Debian's 6.1 cloud kernel with its virtio modules,
+## for the cgroup v2 test in a VM (the host's blkio is bound to cgroup v1)
+vm-kernel:
+	bash hack/vm-kernel.sh $(VM_DIR)
+
 ## test: every test, real components included (CI=true: nothing may skip)
-test: test-bins lint
+test: test-bins vm-kernel lint
 	$(GO) test $(GOTEST_FLAGS) ./...
 
 ## unit-test: only the tests that need no real component

@@ -1,0 +1,356 @@
+package cgroup
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"runtime/debug"
+	"slices"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+	"unsafe"
+
+	"github.com/kubediskguard/kubediskguard/applier/device"
+	"github.com/kubediskguard/kubediskguard/shared/limits"
+)
+
+// vmGuest is the init of the VM that TestCgroupV2InVM boots: it measures,
+// prints its results on the console and powers off. It never returns.
+func vmGuest() {
+	defer func() {
+		if r := recover(); r != nil {
+			vmPrint(vmError + fmt.Sprintf("panic: %v: %s", r, debug.Stack()))
+		}
+		syscall.Sync()
+		err := syscall.Reboot(syscall.LINUX_REBOOT_CMD_POWER_OFF)
+		// PID 1 exiting panics the kernel; with panic=-1 and qemu's
+		// -no-reboot, that too ends the VM.
+		vmPrint(vmError + fmt.Sprintf("power off: %v", err))
+		os.Exit(1)
+	}()
+	if err := vmGuestRun(); err != nil {
+		vmPrint(vmError + err.Error())
+		return
+	}
+	vmPrint(vmDone)
+}
+
+// vmPrint writes one console line in one write, so that kernel messages
+// do not split it.
+func vmPrint(line string) {
+	_, _ = os.Stdout.WriteString(strings.ReplaceAll(line, "\n", " | ") + "\n")
+}
+
+// vmReport prints one result for the host: "KDG-RESULT key=value".
+func vmReport(key string, value any) {
+	if f, ok := value.(float64); ok {
+		value = strconv.FormatFloat(f, 'f', 1, 64)
+	}
+	vmPrint(fmt.Sprintf("%s%s=%v", vmResult, key, value))
+}
+
+// vmGuestRun sets the VM up (filesystems, the virtio disk's modules, the
+// io controller) and, through the package's Hierarchy, limits a
+// container-like cgroup, clears one of its dimensions and caps a kubepods
+// tree, measuring the O_DIRECT IO rate of this process in each.
+func vmGuestRun() error {
+	for _, m := range []struct{ source, dir, fstype string }{
+		{"proc", "/proc", "proc"},
+		{"sysfs", "/sys", "sysfs"},
+		{"devtmpfs", "/dev", "devtmpfs"},
+		{"cgroup2", "/sys/fs/cgroup", "cgroup2"},
+	} {
+		if err := syscall.Mount(m.source, m.dir, m.fstype, 0, ""); err != nil {
+			return fmt.Errorf("mounting %s at %s: %w", m.fstype, m.dir, err)
+		}
+	}
+	var uts syscall.Utsname
+	if err := syscall.Uname(&uts); err == nil {
+		vmReport("kernel", cString(uts.Release[:]))
+	}
+	for _, m := range vmModules {
+		if err := vmLoadModule("/modules/" + m + ".ko"); err != nil {
+			return err
+		}
+	}
+	dev, err := vmWaitDisk("vda")
+	if err != nil {
+		return err
+	}
+	vmReport("disk", dev)
+
+	const root = "/sys/fs/cgroup"
+	if err := os.WriteFile(filepath.Join(root, "cgroup.subtree_control"), []byte("+io"), 0); err != nil {
+		return fmt.Errorf("enabling the io controller: %w", err)
+	}
+	h, err := Open(root, V2)
+	if err != nil {
+		return err
+	}
+	disk, err := vmOpenDisk("/dev/vda")
+	if err != nil {
+		return err
+	}
+	devs := []device.Device{dev}
+	// inCgroup moves this whole process into the cgroup dir (cgroup v2
+	// moves all threads of a process together) for the IO that f does.
+	inCgroup := func(dir string, f func() error) error {
+		if err := os.WriteFile(filepath.Join(dir, "cgroup.procs"), []byte(strconv.Itoa(os.Getpid())), 0); err != nil {
+			return fmt.Errorf("moving into %s: %w", dir, err)
+		}
+		if got, err := h.ProcessDir("", os.Getpid()); err != nil || got != dir {
+			return fmt.Errorf("ProcessDir(self) = %q, %v; want %s", got, err, dir)
+		}
+		ferr := f()
+		if err := os.WriteFile(filepath.Join(root, "cgroup.procs"), []byte(strconv.Itoa(os.Getpid())), 0); err != nil {
+			return fmt.Errorf("moving back to the root cgroup: %w", err)
+		}
+		return ferr
+	}
+	// measure reports the IO rate as key, and the rate after the burst
+	// as key_steady, for runs long enough to have one.
+	measure := func(dir, key string, write bool, n int) error {
+		return inCgroup(dir, func() error {
+			avg, steady, err := disk.rate(write, n)
+			vmReport(key, avg)
+			if steady > 0 {
+				vmReport(key+"_steady", steady)
+			}
+			return err
+		})
+	}
+	mkdir := func(path string, enableIO bool) (string, error) {
+		dir := h.Join(path)
+		if err := os.Mkdir(dir, 0o755); err != nil {
+			return "", err
+		}
+		if enableIO {
+			if err := os.WriteFile(filepath.Join(dir, "cgroup.subtree_control"), []byte("+io"), 0); err != nil {
+				return "", fmt.Errorf("enabling io below %s: %w", dir, err)
+			}
+		}
+		return dir, nil
+	}
+	readLimits := func(dir, prefix string) error {
+		raw, err := os.ReadFile(filepath.Join(dir, IOMaxFile))
+		if err != nil {
+			return err
+		}
+		vmReport(prefix+"_iomax", strings.TrimSpace(string(raw)))
+		got, err := h.Read(dir)
+		if err != nil {
+			return err
+		}
+		vmReport(prefix+"_read_limit", got[dev].ReadIOPS)
+		vmReport(prefix+"_write_limit", got[dev].WriteIOPS)
+		return nil
+	}
+	stats := func(dir, prefix string) error {
+		s, err := h.Stats(dir, devs)
+		if err != nil {
+			return err
+		}
+		vmReport(prefix+"_stat_rios", s[dev].ReadIOs)
+		vmReport(prefix+"_stat_wios", s[dev].WriteIOs)
+		vmReport(prefix+"_stat_rbytes", s[dev].ReadBytes)
+		vmReport(prefix+"_stat_wbytes", s[dev].WriteBytes)
+		return nil
+	}
+
+	// Unthrottled, in a cgroup without limits. Writing first also
+	// allocates the disk image's blocks on the host.
+	free, err := mkdir("/free", false)
+	if err != nil {
+		return err
+	}
+	if err := measure(free, "free_write_iops", true, vmIOs); err != nil {
+		return err
+	}
+	if err := measure(free, "free_read_iops", false, vmIOs); err != nil {
+		return err
+	}
+
+	// A container-like cgroup with read and write IOPS limits.
+	limited, err := mkdir("/limited", false)
+	if err != nil {
+		return err
+	}
+	if changed, err := h.Apply(limited, devs, limits.Limits{ReadIOPS: vmLimit, WriteIOPS: vmLimit}); err != nil || !changed {
+		return fmt.Errorf("Apply = %v, %v; want a write", changed, err)
+	}
+	if err := readLimits(limited, "limited"); err != nil {
+		return err
+	}
+	changed, err := h.Apply(limited, devs, limits.Limits{ReadIOPS: vmLimit, WriteIOPS: vmLimit})
+	if err != nil {
+		return err
+	}
+	vmReport("limited_apply_again_changed", changed)
+	if err := measure(limited, "limited_read_iops", false, vmThrottledIOs(vmLimit)); err != nil {
+		return err
+	}
+	if err := measure(limited, "limited_write_iops", true, vmThrottledIOs(vmLimit)); err != nil {
+		return err
+	}
+	if err := stats(limited, "limited"); err != nil {
+		return err
+	}
+
+	// Clearing the read dimension ("riops=max") keeps the write limit.
+	if _, err := h.Apply(limited, devs, limits.Limits{WriteIOPS: vmLimit}); err != nil {
+		return err
+	}
+	if err := readLimits(limited, "cleared"); err != nil {
+		return err
+	}
+	if err := measure(limited, "cleared_read_iops", false, vmIOs); err != nil {
+		return err
+	}
+	if err := measure(limited, "cleared_write_iops", true, vmShortIOs); err != nil {
+		return err
+	}
+
+	// The node-wide cap: a limit on kubepods throttles a pod's container
+	// below it, which has no limit of its own.
+	if _, err := mkdir("/kubepods", true); err != nil {
+		return err
+	}
+	if _, err := mkdir("/kubepods/besteffort", true); err != nil {
+		return err
+	}
+	pod, err := mkdir("/kubepods/besteffort/pod0", false)
+	if err != nil {
+		return err
+	}
+	kubepods, err := h.KubepodsOf(pod)
+	if err != nil {
+		return err
+	}
+	if found, err := h.FindKubepods(); err != nil || found != kubepods {
+		return fmt.Errorf("FindKubepods = %q, %v; want %s", found, err, kubepods)
+	}
+	rel, _ := h.Rel(kubepods)
+	vmReport("parent_found_kubepods", rel)
+	if _, err := h.Apply(kubepods, devs, limits.Limits{ReadIOPS: vmParentCap, WriteIOPS: vmParentCap}); err != nil {
+		return err
+	}
+	if err := readLimits(kubepods, "parent"); err != nil {
+		return err
+	}
+	podLimits, err := h.Read(pod)
+	if err != nil {
+		return err
+	}
+	if len(podLimits) == 0 {
+		vmReport("parent_pod_limits", "none")
+	} else {
+		vmReport("parent_pod_limits", podLimits)
+	}
+	if err := measure(pod, "parent_read_iops", false, vmThrottledIOs(vmParentCap)); err != nil {
+		return err
+	}
+	if err := measure(pod, "parent_write_iops", true, vmThrottledIOs(vmParentCap)); err != nil {
+		return err
+	}
+	return stats(kubepods, "parent")
+}
+
+// sysFinitModule is finit_module(2) on x86_64, the VM's architecture; the
+// syscall package lacks it.
+const sysFinitModule = 313
+
+// vmLoadModule loads a kernel module with finit_module(2).
+func vmLoadModule(path string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	params := []byte{0}
+	_, _, errno := syscall.Syscall(sysFinitModule, f.Fd(), uintptr(unsafe.Pointer(&params[0])), 0)
+	if errno != 0 && errno != syscall.EEXIST {
+		return fmt.Errorf("loading %s: %w", path, errno)
+	}
+	return nil
+}
+
+// vmWaitDisk waits for the block device name to appear and returns its
+// number.
+func vmWaitDisk(name string) (device.Device, error) {
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		b, err := os.ReadFile("/sys/block/" + name + "/dev")
+		if err == nil {
+			if _, err = os.Stat("/dev/" + name); err == nil {
+				return device.Parse(strings.TrimSpace(string(b)))
+			}
+		}
+		if time.Now().After(deadline) {
+			return device.Device{}, fmt.Errorf("no disk %s after 20 s: %w", name, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// vmDisk does 4 KiB O_DIRECT IO on a block device.
+type vmDisk struct {
+	fd  int
+	buf []byte // page aligned, as O_DIRECT needs
+}
+
+func vmOpenDisk(path string) (*vmDisk, error) {
+	fd, err := syscall.Open(path, syscall.O_RDWR|syscall.O_DIRECT|syscall.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("opening %s: %w", path, err)
+	}
+	buf, err := syscall.Mmap(-1, 0, 4096, syscall.PROT_READ|syscall.PROT_WRITE, syscall.MAP_ANON|syscall.MAP_PRIVATE)
+	if err != nil {
+		return nil, err
+	}
+	copy(buf, slices.Repeat([]byte("kubediskguard "), 4096/14))
+	return &vmDisk{fd: fd, buf: buf}, nil
+}
+
+// rate does n IOs of 4 KiB at increasing offsets and returns the IOs per
+// second over the whole run, and over the part of it after its first
+// vmSettle, when the throttle admits no more burst (0 for a run too short).
+func (d *vmDisk) rate(write bool, n int) (avg, steady float64, err error) {
+	done := make([]time.Time, n)
+	start := time.Now()
+	for i := range n {
+		off := int64(i) * 4096
+		var got int
+		if write {
+			got, err = syscall.Pwrite(d.fd, d.buf, off)
+		} else {
+			got, err = syscall.Pread(d.fd, d.buf, off)
+		}
+		if err == nil && got != len(d.buf) {
+			err = errors.New("short IO")
+		}
+		if err != nil {
+			return 0, 0, fmt.Errorf("IO %d at %d: %w", i, off, err)
+		}
+		done[i] = time.Now()
+	}
+	end := done[n-1]
+	avg = float64(n) / end.Sub(start).Seconds()
+	if k := slices.IndexFunc(done, func(t time.Time) bool { return t.Sub(start) >= vmSettle }); k >= 0 && end.Sub(done[k]) >= time.Second {
+		steady = float64(n-1-k) / end.Sub(done[k]).Seconds()
+	}
+	return avg, steady, nil
+}
+
+func cString(b []int8) string {
+	var s []byte
+	for _, c := range b {
+		if c == 0 {
+			break
+		}
+		s = append(s, byte(c))
+	}
+	return string(s)
+}

@@ -1,0 +1,154 @@
+// Package app is the kubediskguard-applier command: its options and the
+// wiring of device resolution, the cgroup layer, the container runtime, the
+// pod watch and the reconciler.
+package app
+
+import (
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"sigs.k8s.io/controller-runtime/pkg/log/zap"
+
+	"github.com/kubediskguard/kubediskguard/applier/cgroup"
+	"github.com/kubediskguard/kubediskguard/shared/config"
+	"github.com/kubediskguard/kubediskguard/shared/limits"
+)
+
+// Options is the applier's whole configuration.
+type Options struct {
+	Kubeconfig         string
+	NodeName           string
+	MetricsBindAddress string
+	HealthProbeAddress string
+
+	DataMount           string
+	DataDevices         string
+	DataTotalIOPS       uint64
+	ContainerRuntime    string
+	CgroupVersion       cgroup.Version
+	ContainerdNamespace string
+	SocketPath          string
+	CgroupRoot          string
+	ProcRoot            string
+	CheckInterval       time.Duration
+
+	Log zap.Options
+}
+
+// Runtime kinds of CONTAINER_RUNTIME.
+var runtimeKinds = []string{"auto", "containerd", "docker"}
+
+// ParseOptions reads the options from the command line and the environment
+// (lookupEnv is normally os.LookupEnv). A bad value is an error naming it.
+func ParseOptions(args []string, lookupEnv func(string) (string, bool)) (*Options, error) {
+	o := &Options{DataTotalIOPS: 3000, CgroupVersion: cgroup.Auto, CheckInterval: 30 * time.Second}
+	fs := config.NewFlagSet("kubediskguard-applier")
+	fs.StringVar(&o.Kubeconfig, "kubeconfig", "", "kubeconfig file, for running outside the cluster (default: in-cluster or $KUBECONFIG)")
+	fs.StringVar(&o.MetricsBindAddress, "metrics-bind-address", ":8080", `address of the Prometheus metrics endpoint ("0" disables it)`)
+	fs.StringVar(&o.HealthProbeAddress, "health-probe-bind-address", ":8081", "address of /healthz and /readyz")
+
+	fs.StringVar(&o.NodeName, "node-name", "", "the node this applier runs on; only its pods are watched (required)")
+	fs.Env("node-name", "NODE_NAME")
+	fs.StringVar(&o.DataMount, "data-mount", "/data", "mount point of the data disk; its filesystem's whole disk is limited")
+	fs.Env("data-mount", "DATA_MOUNT")
+	fs.StringVar(&o.DataDevices, "data-devices", "", "devices to limit (/dev/nvme0n1,259:3); overrides --data-mount")
+	fs.Env("data-devices", "DATA_DEVICES")
+	fs.Var(iopsValue{&o.DataTotalIOPS}, "data-total-iops", "read and write IOPS cap of all pods together, on the kubepods cgroup (0: off)")
+	fs.Env("data-total-iops", "DATA_TOTAL_IOPS")
+	fs.Var(enumValue{&o.ContainerRuntime, runtimeKinds}, "container-runtime", "auto, containerd or docker")
+	o.ContainerRuntime = "auto"
+	fs.Env("container-runtime", "CONTAINER_RUNTIME")
+	fs.Var(versionValue{&o.CgroupVersion}, "cgroup-version", "auto, v1 or v2")
+	fs.Env("cgroup-version", "CGROUP_VERSION")
+	fs.StringVar(&o.ContainerdNamespace, "containerd-namespace", "k8s.io", "containerd namespace of the kubelet's containers")
+	fs.Env("containerd-namespace", "CONTAINERD_NAMESPACE")
+	fs.StringVar(&o.SocketPath, "container-socket-path", "", "containerd or Docker socket (default: the runtime's default socket)")
+	fs.Env("container-socket-path", "CONTAINER_SOCKET_PATH")
+	fs.StringVar(&o.CgroupRoot, "cgroup-root", cgroup.DefaultRoot, "the host's cgroup filesystem as mounted into the applier")
+	fs.Env("cgroup-root", "CGROUP_ROOT")
+	fs.StringVar(&o.ProcRoot, "proc-root", "/proc", "the host's /proc as mounted into the applier (the applier needs the host PID namespace or this mount)")
+	fs.Env("proc-root", "PROC_ROOT")
+	interval := config.Seconds(o.CheckInterval)
+	fs.Var(&interval, "check-interval", "time between full reconciles, in seconds (a safety net; events do the real work)")
+	fs.Env("check-interval", "CHECK_INTERVAL")
+	o.Log.BindFlags(fs.FlagSet)
+
+	if err := fs.Parse(args, lookupEnv); err != nil {
+		return nil, fmt.Errorf("%w\n%s", err, fs.Usage())
+	}
+	o.CheckInterval = time.Duration(interval)
+	var errs []error
+	if strings.TrimSpace(o.NodeName) == "" {
+		errs = append(errs, errors.New("--node-name / NODE_NAME is required (set it from the downward API: spec.nodeName)"))
+	}
+	if o.CheckInterval < time.Second {
+		errs = append(errs, fmt.Errorf("invalid value %s for --check-interval / CHECK_INTERVAL: want at least 1 second", o.CheckInterval))
+	}
+	if strings.TrimSpace(o.DataMount) == "" && strings.Trim(o.DataDevices, " ,") == "" {
+		errs = append(errs, errors.New("--data-mount / DATA_MOUNT or --data-devices / DATA_DEVICES must name the data disk"))
+	}
+	if err := errors.Join(errs...); err != nil {
+		return nil, err
+	}
+	return o, nil
+}
+
+type iopsValue struct{ v *uint64 }
+
+func (f iopsValue) Set(s string) error {
+	n, err := limits.ParseIOPS(s)
+	if err != nil {
+		return err
+	}
+	*f.v = n
+	return nil
+}
+
+func (f iopsValue) String() string {
+	if f.v == nil {
+		return ""
+	}
+	return fmt.Sprint(*f.v)
+}
+
+type enumValue struct {
+	v       *string
+	allowed []string
+}
+
+func (f enumValue) Set(s string) error {
+	for _, a := range f.allowed {
+		if s == a {
+			*f.v = s
+			return nil
+		}
+	}
+	return fmt.Errorf("want one of %s", strings.Join(f.allowed, ", "))
+}
+
+func (f enumValue) String() string {
+	if f.v == nil {
+		return ""
+	}
+	return *f.v
+}
+
+type versionValue struct{ v *cgroup.Version }
+
+func (f versionValue) Set(s string) error {
+	v, err := cgroup.ParseVersion(s)
+	if err != nil {
+		return err
+	}
+	*f.v = v
+	return nil
+}
+
+func (f versionValue) String() string {
+	if f.v == nil {
+		return ""
+	}
+	return f.v.String()
+}

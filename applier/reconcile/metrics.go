@@ -1,0 +1,137 @@
+package reconcile
+
+import (
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/kubediskguard/kubediskguard/applier/runtime"
+	"github.com/kubediskguard/kubediskguard/shared/limits"
+)
+
+// Metrics are the reconciler's Prometheus metrics. A nil *Metrics counts nothing.
+type Metrics struct {
+	applied, failed, disconnects prometheus.Counter
+	latency                      prometheus.Histogram
+	limit                        *prometheus.GaugeVec
+}
+
+var containerLabels = []string{"namespace", "pod", "container"}
+
+// NewMetrics creates the metrics and registers them with reg.
+func NewMetrics(reg prometheus.Registerer) (*Metrics, error) {
+	m := &Metrics{
+		applied: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "kubediskguard_applier_limits_applied_total",
+			Help: "Containers whose cgroup IO limits were changed.",
+		}),
+		failed: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "kubediskguard_applier_limits_failed_total",
+			Help: "Failed attempts to set a container's cgroup IO limits.",
+		}),
+		disconnects: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "kubediskguard_applier_runtime_disconnects_total",
+			Help: "Times the container runtime's event stream broke.",
+		}),
+		latency: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "kubediskguard_applier_apply_latency_seconds",
+			Help:    "Time from a container's start event to its limits written.",
+			Buckets: []float64{.0005, .001, .002, .005, .01, .025, .05, .1, .25, .5, 1, 5},
+		}),
+		limit: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "kubediskguard_applier_container_limit",
+			Help: "Configured limit of a container per dimension (read-iops, write-iops in IO/s; read-bps, write-bps in bytes/s); 0 is unlimited.",
+		}, append(containerLabels[:3:3], "dimension")),
+	}
+	for _, c := range []prometheus.Collector{m.applied, m.failed, m.disconnects, m.latency, m.limit} {
+		if err := reg.Register(c); err != nil {
+			return nil, err
+		}
+	}
+	return m, nil
+}
+
+func (m *Metrics) appliedInc() {
+	if m != nil {
+		m.applied.Inc()
+	}
+}
+
+func (m *Metrics) failedInc() {
+	if m != nil {
+		m.failed.Inc()
+	}
+}
+
+func (m *Metrics) runtimeDisconnect() {
+	if m != nil {
+		m.disconnects.Inc()
+	}
+}
+
+func (m *Metrics) observeLatency(d time.Duration) {
+	if m != nil {
+		m.latency.Observe(d.Seconds())
+	}
+}
+
+func (m *Metrics) setLimit(c runtime.Container, l limits.Limits) {
+	if m == nil {
+		return
+	}
+	for _, d := range limits.Dimensions {
+		m.limit.WithLabelValues(c.PodNamespace, c.PodName, c.Name, d.String()).Set(float64(l.Get(d)))
+	}
+}
+
+func (m *Metrics) deleteContainer(c runtime.Container) {
+	if m == nil {
+		return
+	}
+	m.limit.DeletePartialMatch(prometheus.Labels{"namespace": c.PodNamespace, "pod": c.PodName, "container": c.Name})
+}
+
+// ioCollector reports each tracked container's IO on the data devices, read
+// from its cgroup's own statistics when Prometheus scrapes.
+type ioCollector struct {
+	r          *Reconciler
+	ops, bytes *prometheus.Desc
+}
+
+// IOCollector returns a collector of the observed IO of every container the
+// reconciler tracks: kubediskguard_applier_container_io_operations_total and
+// kubediskguard_applier_container_io_bytes_total by direction.
+func (r *Reconciler) IOCollector() prometheus.Collector {
+	labels := append(containerLabels[:3:3], "direction")
+	return &ioCollector{
+		r:     r,
+		ops:   prometheus.NewDesc("kubediskguard_applier_container_io_operations_total", "IO operations a container completed on the data devices, from its cgroup's statistics.", labels, nil),
+		bytes: prometheus.NewDesc("kubediskguard_applier_container_io_bytes_total", "Bytes a container transferred on the data devices, from its cgroup's statistics.", labels, nil),
+	}
+}
+
+func (c *ioCollector) Describe(ch chan<- *prometheus.Desc) { ch <- c.ops; ch <- c.bytes }
+
+func (c *ioCollector) Collect(ch chan<- prometheus.Metric) {
+	c.r.mu.Lock()
+	list := make([]tracked, 0, len(c.r.containers))
+	for _, t := range c.r.containers {
+		list = append(list, *t)
+	}
+	c.r.mu.Unlock()
+	for _, t := range list {
+		stats, err := c.r.Cgroups.Stats(t.dir, c.r.Devices)
+		if err != nil {
+			continue // exited since; its series ends
+		}
+		var rOps, wOps, rBytes, wBytes uint64
+		for _, s := range stats {
+			rOps, wOps, rBytes, wBytes = rOps+s.ReadIOs, wOps+s.WriteIOs, rBytes+s.ReadBytes, wBytes+s.WriteBytes
+		}
+		lv := []string{t.c.PodNamespace, t.c.PodName, t.c.Name}
+		ch <- prometheus.MustNewConstMetric(c.ops, prometheus.CounterValue, float64(rOps), append(lv, "read")...)
+		ch <- prometheus.MustNewConstMetric(c.ops, prometheus.CounterValue, float64(wOps), append(lv, "write")...)
+		ch <- prometheus.MustNewConstMetric(c.bytes, prometheus.CounterValue, float64(rBytes), append(lv, "read")...)
+		ch <- prometheus.MustNewConstMetric(c.bytes, prometheus.CounterValue, float64(wBytes), append(lv, "write")...)
+	}
+}

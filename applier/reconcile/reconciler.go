@@ -1,0 +1,410 @@
+// Package reconcile keeps every container's cgroup IO limits equal to what
+// its pod's resolved annotation asks for. Desired state is the annotation,
+// actual state is the cgroup files; runtime events and pod changes make it
+// fast, a full pass at start, after every runtime reconnect and every
+// interval makes it correct after anything was missed.
+package reconcile
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/go-logr/logr"
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/util/wait"
+	"k8s.io/client-go/tools/record"
+	"k8s.io/client-go/util/workqueue"
+
+	"github.com/kubediskguard/kubediskguard/applier/cgroup"
+	"github.com/kubediskguard/kubediskguard/applier/device"
+	"github.com/kubediskguard/kubediskguard/applier/runtime"
+	"github.com/kubediskguard/kubediskguard/shared/limits"
+)
+
+// Pods gives the pods bound to this node.
+type Pods interface {
+	// Pod returns the pod with the UID; ok is false when it is not known
+	// (yet). The pod carries at least its name, namespace, UID and the
+	// resolved limits annotation.
+	Pod(uid string) (pod *corev1.Pod, ok bool)
+}
+
+// Config is what a Reconciler works with.
+type Config struct {
+	Runtime runtime.Runtime
+	Cgroups *cgroup.Hierarchy
+	// Devices are the data disk's devices, limited in every container.
+	Devices []device.Device
+	// ProcRoot is the host's /proc, for the cgroup of a container's init process.
+	ProcRoot string
+	Pods     Pods
+	// Recorder records Events on pods; nil records none.
+	Recorder record.EventRecorder
+	Metrics  *Metrics
+	// TotalIOPS caps read and write IOPS of all pods together, on the
+	// kubepods cgroup; 0 clears that cap.
+	TotalIOPS uint64
+	// Interval is the time between full reconciles.
+	Interval time.Duration
+	// Workers is the number of containers reconciled at once (default 2).
+	Workers int
+	Log     logr.Logger
+}
+
+// fullKey is the queue key of a full reconcile; container IDs never equal it.
+const fullKey = "*full*"
+
+// Reconciler applies limits to containers. Create it with New.
+type Reconciler struct {
+	Config
+	queue workqueue.TypedRateLimitingInterface[string]
+
+	mu         sync.Mutex
+	containers map[string]*tracked        // by container ID
+	byPod      map[string]map[string]bool // pod UID → container IDs
+	since      map[string]time.Time       // container ID → when its start event arrived
+	invalid    map[string]string          // pod UID → annotation value already reported invalid
+
+	synced atomic.Bool // a full reconcile has completed
+}
+
+// tracked is a running Kubernetes container and where its cgroup is.
+type tracked struct {
+	c   runtime.Container
+	dir string
+}
+
+// New returns a Reconciler; Run starts it.
+func New(cfg Config) *Reconciler {
+	if cfg.Workers <= 0 {
+		cfg.Workers = 2
+	}
+	return &Reconciler{
+		Config: cfg,
+		queue: workqueue.NewTypedRateLimitingQueueWithConfig(
+			workqueue.NewTypedItemExponentialFailureRateLimiter[string](50*time.Millisecond, 30*time.Second),
+			workqueue.TypedRateLimitingQueueConfig[string]{Name: "kubediskguard-applier"}),
+		containers: map[string]*tracked{},
+		byPod:      map[string]map[string]bool{},
+		since:      map[string]time.Time{},
+		invalid:    map[string]string{},
+	}
+}
+
+// Synced reports whether a full reconcile has completed, for /readyz.
+func (r *Reconciler) Synced() bool { return r.synced.Load() }
+
+// PodChanged is called when a pod appears, its resolved limits change, or it
+// is deleted: its known containers are reconciled.
+func (r *Reconciler) PodChanged(uid string) {
+	r.mu.Lock()
+	ids := make([]string, 0, len(r.byPod[uid]))
+	for id := range r.byPod[uid] {
+		ids = append(ids, id)
+	}
+	r.mu.Unlock()
+	for _, id := range ids {
+		r.queue.Add(id)
+	}
+}
+
+// Run reconciles until ctx is done: it watches the runtime (reconnecting
+// with backoff, and reconciling everything after each reconnect), runs a
+// full reconcile every Interval, and works the queue.
+func (r *Reconciler) Run(ctx context.Context) {
+	var wg sync.WaitGroup
+	wg.Go(func() { r.watch(ctx) })
+	wg.Go(func() {
+		wait.Until(func() { r.queue.Add(fullKey) }, r.Interval, ctx.Done())
+	})
+	for range r.Workers {
+		wg.Go(func() {
+			for r.next(ctx) {
+			}
+		})
+	}
+	<-ctx.Done()
+	r.queue.ShutDown()
+	wg.Wait()
+}
+
+// watch follows the runtime's events, reconnecting with exponential backoff
+// (capped at 30 s) when the stream breaks; every (re)subscription queues a
+// full reconcile, which catches whatever happened while it was down.
+func (r *Reconciler) watch(ctx context.Context) {
+	backoff := wait.Backoff{Duration: 200 * time.Millisecond, Factor: 2, Jitter: 0.2, Steps: 1 << 30, Cap: 30 * time.Second}
+	delay := backoff
+	for ctx.Err() == nil {
+		started := time.Now()
+		err := r.Runtime.Watch(ctx, func() {
+			r.Log.V(1).Info("runtime event stream open", "runtime", r.Runtime.Name())
+			r.queue.Add(fullKey)
+		}, r.handle)
+		if ctx.Err() != nil {
+			return
+		}
+		r.Metrics.runtimeDisconnect()
+		if time.Since(started) > time.Minute {
+			delay = backoff // it ran for a while: start backing off afresh
+		}
+		d := delay.Step()
+		r.Log.Error(err, "runtime event stream broke; reconnecting", "runtime", r.Runtime.Name(), "in", d.Round(time.Millisecond))
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(d):
+		}
+	}
+}
+
+// handle takes one runtime event.
+func (r *Reconciler) handle(ev runtime.Event) {
+	switch ev.Kind {
+	case runtime.Created:
+		r.queue.Add(ev.ContainerID)
+	case runtime.Started:
+		r.mu.Lock()
+		if _, ok := r.since[ev.ContainerID]; !ok {
+			r.since[ev.ContainerID] = time.Now()
+		}
+		// Inspect again: a restarted process may live in a new cgroup.
+		r.untrackLocked(ev.ContainerID)
+		r.mu.Unlock()
+		r.queue.Add(ev.ContainerID)
+	case runtime.Exited, runtime.Deleted:
+		r.forget(ev.ContainerID)
+	}
+}
+
+// next works one queue item; false when the queue has shut down.
+func (r *Reconciler) next(ctx context.Context) bool {
+	key, shutdown := r.queue.Get()
+	if shutdown {
+		return false
+	}
+	defer r.queue.Done(key)
+	var err error
+	if key == fullKey {
+		err = r.reconcileAll(ctx)
+	} else {
+		err = r.reconcileContainer(ctx, key)
+	}
+	if err != nil && ctx.Err() == nil {
+		r.Log.Error(err, "reconcile failed; retrying", "key", key)
+		r.queue.AddRateLimited(key)
+		return true
+	}
+	r.queue.Forget(key)
+	return true
+}
+
+// reconcileAll lists the runtime's running containers, forgets those that
+// are gone, queues every one, and sets the node-wide cap.
+func (r *Reconciler) reconcileAll(ctx context.Context) error {
+	list, err := r.Runtime.List(ctx)
+	if err != nil {
+		return fmt.Errorf("listing containers: %w", err)
+	}
+	running := make(map[string]bool, len(list))
+	for _, c := range list {
+		running[c.ID] = true
+	}
+	r.mu.Lock()
+	for id := range r.containers {
+		if !running[id] {
+			r.forgetLocked(id)
+		}
+	}
+	for _, c := range list {
+		if t, ok := r.containers[c.ID]; !ok || t.c.PID != c.PID {
+			r.trackLocked(c)
+		}
+	}
+	r.mu.Unlock()
+	for _, c := range list {
+		r.queue.Add(c.ID)
+	}
+	if err := r.applyNodeCap(); err != nil {
+		return err
+	}
+	r.synced.Store(true)
+	return nil
+}
+
+// applyNodeCap writes TotalIOPS on the kubepods cgroup.
+func (r *Reconciler) applyNodeCap() error {
+	dir, err := r.kubepods()
+	if err != nil {
+		r.Log.V(1).Info("no kubepods cgroup yet; node-wide cap not set", "reason", err.Error())
+		return nil
+	}
+	l := limits.Limits{ReadIOPS: r.TotalIOPS, WriteIOPS: r.TotalIOPS}
+	changed, err := r.Cgroups.Apply(dir, r.Devices, l)
+	if err != nil {
+		return fmt.Errorf("setting the node-wide cap on %s: %w", dir, err)
+	}
+	if changed {
+		r.Log.Info("node-wide IOPS cap set", "cgroup", dir, "iops", r.TotalIOPS)
+	}
+	return nil
+}
+
+// kubepods finds the kubepods cgroup from a tracked container, or by probing.
+func (r *Reconciler) kubepods() (string, error) {
+	r.mu.Lock()
+	var dirs []string
+	for _, t := range r.containers {
+		dirs = append(dirs, t.dir)
+		break
+	}
+	r.mu.Unlock()
+	for _, d := range dirs {
+		if k, err := r.Cgroups.KubepodsOf(d); err == nil {
+			return k, nil
+		}
+	}
+	return r.Cgroups.FindKubepods()
+}
+
+// reconcileContainer makes one container's limits what its pod asks for.
+func (r *Reconciler) reconcileContainer(ctx context.Context, id string) error {
+	r.mu.Lock()
+	t := r.containers[id]
+	r.mu.Unlock()
+	if t == nil {
+		c, err := r.Runtime.Container(ctx, id)
+		switch {
+		case errors.Is(err, runtime.ErrNotFound), errors.Is(err, runtime.ErrNotKubernetes):
+			r.forget(id)
+			return nil
+		case err != nil:
+			return fmt.Errorf("inspecting container %s: %w", id, err)
+		case c.PID == 0:
+			return nil // created, not started: its start event comes next
+		}
+		r.mu.Lock()
+		t = r.trackLocked(c)
+		r.mu.Unlock()
+	}
+
+	pod, ok := r.Pods.Pod(t.c.PodUID)
+	if !ok {
+		// Not seen yet: the pod's arrival in the informer reconciles it.
+		r.Log.V(1).Info("pod not known yet", "pod", t.c.PodNamespace+"/"+t.c.PodName, "container", t.c.Name)
+		return nil
+	}
+	want, err := r.desired(pod, t.c.Name)
+	if err != nil {
+		return nil // reported on the pod; keep what is there
+	}
+	changed, err := r.Cgroups.Apply(t.dir, r.Devices, want)
+	if errors.Is(err, cgroup.ErrCgroupGone) {
+		r.forget(id)
+		return nil
+	}
+	if err != nil {
+		r.Metrics.failedInc()
+		r.event(pod, corev1.EventTypeWarning, "IOLimitsFailed", "container %s: setting disk IO limits %s: %v", t.c.Name, want, err)
+		return fmt.Errorf("container %s of pod %s/%s: %w", t.c.Name, pod.Namespace, pod.Name, err)
+	}
+	r.Metrics.setLimit(t.c, want)
+	r.mu.Lock()
+	since, timed := r.since[id]
+	delete(r.since, id)
+	r.mu.Unlock()
+	if changed {
+		if timed {
+			r.Metrics.observeLatency(time.Since(since))
+		}
+		r.Metrics.appliedInc()
+		r.Log.Info("IO limits applied", "pod", pod.Namespace+"/"+pod.Name, "container", t.c.Name, "limits", want.String(), "cgroup", t.dir)
+		r.event(pod, corev1.EventTypeNormal, "IOLimitsApplied", "container %s: disk IO limits %s", t.c.Name, want)
+	}
+	return nil
+}
+
+// desired decodes the pod's resolved annotation and returns the container's
+// entry; no annotation or no entry means no limits. An annotation that does
+// not decode is reported on the pod (once per value) and returned as an error.
+func (r *Reconciler) desired(pod *corev1.Pod, container string) (limits.Limits, error) {
+	v, ok := pod.Annotations[limits.ResolvedAnnotation]
+	if !ok {
+		return limits.Limits{}, nil
+	}
+	res, err := limits.DecodeResolved(v)
+	if err != nil {
+		r.mu.Lock()
+		first := r.invalid[string(pod.UID)] != v
+		r.invalid[string(pod.UID)] = v
+		r.mu.Unlock()
+		if first {
+			r.event(pod, corev1.EventTypeWarning, "IOLimitsInvalid", "%v; limits left as they are", err)
+		}
+		return limits.Limits{}, err
+	}
+	return res[container], nil
+}
+
+// trackLocked records a running container and finds its cgroup: the cgroup
+// of its init process when the host's /proc shows it, else the one its
+// runtime configuration names.
+func (r *Reconciler) trackLocked(c runtime.Container) *tracked {
+	t := &tracked{c: c, dir: c.CgroupDir}
+	if c.PID > 0 {
+		if dir, err := r.Cgroups.ProcessDir(r.ProcRoot, c.PID); err == nil {
+			t.dir = dir
+		} else {
+			r.Log.V(1).Info("cgroup of the init process not readable; using the runtime's", "container", c.ID, "pid", c.PID, "reason", err.Error())
+		}
+	}
+	r.containers[c.ID] = t
+	if r.byPod[c.PodUID] == nil {
+		r.byPod[c.PodUID] = map[string]bool{}
+	}
+	r.byPod[c.PodUID][c.ID] = true
+	return t
+}
+
+func (r *Reconciler) untrackLocked(id string) {
+	t, ok := r.containers[id]
+	if !ok {
+		return
+	}
+	delete(r.containers, id)
+	if ids := r.byPod[t.c.PodUID]; ids != nil {
+		delete(ids, id)
+		if len(ids) == 0 {
+			delete(r.byPod, t.c.PodUID)
+		}
+	}
+}
+
+func (r *Reconciler) forget(id string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.forgetLocked(id)
+}
+
+// forgetLocked drops a container that is gone, with its metrics.
+func (r *Reconciler) forgetLocked(id string) {
+	if t, ok := r.containers[id]; ok {
+		r.Metrics.deleteContainer(t.c)
+		if len(r.byPod[t.c.PodUID]) == 1 {
+			delete(r.invalid, t.c.PodUID)
+		}
+	}
+	r.untrackLocked(id)
+	delete(r.since, id)
+}
+
+func (r *Reconciler) event(pod *corev1.Pod, kind, reason, format string, args ...any) {
+	if r.Recorder == nil {
+		return
+	}
+	ref := &corev1.ObjectReference{Kind: "Pod", APIVersion: "v1", Namespace: pod.Namespace, Name: pod.Name, UID: pod.UID}
+	r.Recorder.Eventf(ref, kind, reason, format, args...)
+}

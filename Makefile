@@ -17,11 +17,25 @@ VM_DIR       ?= $(CACHE)/vm
 export KUBEBUILDER_ASSETS := $(TEST_BIN_DIR)
 export KDG_VM_DIR := $(VM_DIR)
 
-.PHONY: build test unit-test lint bench bench-load test-bins vm-kernel fuzz demo clean
+.PHONY: build test unit-test lint bench bench-load test-bins vm-kernel host-deps fuzz demo clean
+
+# Debian packages the real-component tests use: containerd and runc (the
+# containerd runtime tests), docker.io (dockerd, for the Docker runtime tests),
+# busybox-static (the containers' root filesystem), fio (IO measurements).
+HOST_PACKAGES := containerd runc docker.io busybox-static fio
 
 ## build: the two binaries into bin/
 build:
 	$(GO) build -trimpath -o $(BIN)/kubediskguard-webhook ./webhook
+	$(GO) build -trimpath -o $(BIN)/kubediskguard-applier ./applier
+
+## host-deps: install the Debian packages the tests need (as root), if missing
+host-deps:
+	@missing=$$(for p in $(HOST_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages: $$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
 
 ## test-bins: the pinned kube-apiserver, etcd, kubectl, kube-controller-manager and kubelet
 test-bins: $(TEST_BIN_DIR)/.complete
@@ -35,7 +49,7 @@ vm-kernel:
 	bash hack/vm-kernel.sh $(VM_DIR)
 
 ## test: every test, real components included (CI=true: nothing may skip)
-test: test-bins vm-kernel lint
+test: host-deps test-bins vm-kernel lint
 	$(GO) test $(GOTEST_FLAGS) ./...
 
 ## unit-test: only the tests that need no real component

@@ -9,12 +9,12 @@ import (
 	"k8s.io/apimachinery/pkg/runtime"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/client-go/rest"
-	"k8s.io/client-go/tools/clientcmd"
 	"k8s.io/utils/ptr"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/healthz"
+	"sigs.k8s.io/controller-runtime/pkg/log/zap"
 	"sigs.k8s.io/controller-runtime/pkg/metrics"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 	"sigs.k8s.io/controller-runtime/pkg/webhook"
@@ -22,22 +22,14 @@ import (
 	"github.com/kubediskguard/kubediskguard/webhook/mutate"
 )
 
-// RESTConfig loads the cluster connection: --kubeconfig when given, else the
-// in-cluster configuration or $KUBECONFIG.
-func (o *Options) RESTConfig() (*rest.Config, error) {
-	if o.Kubeconfig != "" {
-		cfg, err := clientcmd.BuildConfigFromFlags("", o.Kubeconfig)
-		if err != nil {
-			return nil, fmt.Errorf("loading --kubeconfig %s: %w", o.Kubeconfig, err)
-		}
-		return cfg, nil
-	}
-	cfg, err := ctrl.GetConfig()
-	if err != nil {
-		return nil, fmt.Errorf("finding the cluster (set --kubeconfig): %w", err)
-	}
-	return cfg, nil
-}
+// Logging implements command.Options.
+func (o *Options) Logging() *zap.Options { return &o.Log }
+
+// KubeconfigPath implements command.Options.
+func (o *Options) KubeconfigPath() string { return o.Kubeconfig }
+
+// Run implements command.Options.
+func (o *Options) Run(ctx context.Context, cfg *rest.Config) error { return Run(ctx, o, cfg) }
 
 // Run serves the webhook until ctx is done.
 func Run(ctx context.Context, o *Options, cfg *rest.Config) error {

@@ -1,0 +1,195 @@
+package app
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/util/wait"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/kubernetes/scheme"
+	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/record"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/log/zap"
+
+	"github.com/kubediskguard/kubediskguard/applier/cgroup"
+	"github.com/kubediskguard/kubediskguard/applier/device"
+	"github.com/kubediskguard/kubediskguard/applier/pods"
+	"github.com/kubediskguard/kubediskguard/applier/reconcile"
+	"github.com/kubediskguard/kubediskguard/applier/runtime"
+	"github.com/kubediskguard/kubediskguard/applier/runtime/connect"
+)
+
+// Logging implements command.Options.
+func (o *Options) Logging() *zap.Options { return &o.Log }
+
+// KubeconfigPath implements command.Options.
+func (o *Options) KubeconfigPath() string { return o.Kubeconfig }
+
+// Run implements command.Options.
+func (o *Options) Run(ctx context.Context, cfg *rest.Config) error { return Run(ctx, o, cfg) }
+
+// Run applies limits until ctx is done. Bad settings (a data disk that does
+// not resolve, no block IO cgroup controller) fail at once; the runtime and
+// the API server are waited for and reconnected, never fatal.
+func Run(ctx context.Context, o *Options, cfg *rest.Config) error {
+	log := ctrl.LoggerFrom(ctx)
+	resolver := device.Resolver{ProcRoot: o.ProcRoot}
+	devices, err := resolver.DataDevices(o.DataMount, o.DataDevices)
+	if err != nil {
+		return fmt.Errorf("resolving the data disk (--data-mount %q, --data-devices %q): %w", o.DataMount, o.DataDevices, err)
+	}
+	h, err := cgroup.Open(o.CgroupRoot, o.CgroupVersion)
+	if err != nil {
+		return fmt.Errorf("opening the cgroup hierarchy (--cgroup-root %q, --cgroup-version %v): %w", o.CgroupRoot, o.CgroupVersion, err)
+	}
+	if h.Version() == cgroup.V1 && o.DataTotalIOPS > 0 {
+		log.Info("cgroup v1: the kernel's blkio throttle is not hierarchical, so DATA_TOTAL_IOPS on the kubepods cgroup limits only processes directly in it, not the pods below; use cgroup v2 for a node-wide cap", "dataTotalIOPS", o.DataTotalIOPS)
+	}
+	cs, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		return fmt.Errorf("creating the Kubernetes client: %w", err)
+	}
+	log.Info("starting kubediskguard-applier", "node", o.NodeName, "devices", fmt.Sprint(devices),
+		"cgroupVersion", h.Version().String(), "cgroupRoot", o.CgroupRoot, "runtime", o.ContainerRuntime,
+		"dataTotalIOPS", o.DataTotalIOPS, "checkInterval", o.CheckInterval)
+
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	metrics, err := reconcile.NewMetrics(reg)
+	if err != nil {
+		return err
+	}
+
+	broadcaster := record.NewBroadcaster(record.WithContext(ctx))
+	broadcaster.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: cs.CoreV1().Events("")})
+	defer broadcaster.Shutdown()
+	recorder := broadcaster.NewRecorder(scheme.Scheme, corev1.EventSource{Component: "kubediskguard-applier", Host: o.NodeName})
+
+	store := pods.NewStore(cs, o.NodeName)
+	var rec *reconcile.Reconciler // set once the runtime answers
+	var recMu sync.Mutex
+	if err := store.OnChange(func(uid string) {
+		recMu.Lock()
+		r := rec
+		recMu.Unlock()
+		if r != nil {
+			r.PodChanged(uid)
+		}
+	}); err != nil {
+		return err
+	}
+
+	ready := func(*http.Request) error {
+		recMu.Lock()
+		r := rec
+		recMu.Unlock()
+		switch {
+		case !store.HasSynced():
+			return errors.New("the pod list has not synced")
+		case r == nil:
+			return errors.New("the container runtime has not answered")
+		case !r.Synced():
+			return errors.New("the first full reconcile has not completed")
+		}
+		return nil
+	}
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	if err := serve(ctx, &wg, o, reg, ready); err != nil {
+		return err
+	}
+	wg.Go(func() { store.Run(ctx) })
+	if err := store.WaitForSync(ctx); err != nil {
+		return nil // stopped before the first list
+	}
+
+	rt, err := connectRuntime(ctx, o, h)
+	if err != nil {
+		return nil // stopped while waiting for the runtime
+	}
+	defer rt.Close()
+	r := reconcile.New(reconcile.Config{
+		Runtime: rt, Cgroups: h, Devices: devices, ProcRoot: o.ProcRoot, Pods: store,
+		Recorder: recorder, Metrics: metrics, TotalIOPS: o.DataTotalIOPS, Interval: o.CheckInterval,
+		Log: log.WithName("reconcile"),
+	})
+	if err := reg.Register(r.IOCollector()); err != nil {
+		return err
+	}
+	recMu.Lock()
+	rec = r
+	recMu.Unlock()
+	r.Run(ctx)
+	return nil
+}
+
+// connectRuntime connects to the container runtime, retrying with backoff
+// until it answers or ctx is done.
+func connectRuntime(ctx context.Context, o *Options, h *cgroup.Hierarchy) (runtime.Runtime, error) {
+	log := ctrl.LoggerFrom(ctx)
+	var rt runtime.Runtime
+	backoff := wait.Backoff{Duration: time.Second, Factor: 2, Jitter: 0.1, Steps: 1 << 30, Cap: 30 * time.Second}
+	err := wait.ExponentialBackoffWithContext(ctx, backoff, func(ctx context.Context) (bool, error) {
+		var err error
+		rt, err = connect.Runtime(ctx, o.ContainerRuntime, o.SocketPath, o.ContainerdNamespace, h)
+		if err != nil {
+			log.Error(err, "container runtime not answering; retrying", "runtime", o.ContainerRuntime, "socket", o.SocketPath)
+			return false, nil
+		}
+		log.Info("connected to the container runtime", "runtime", rt.Name())
+		return true, nil
+	})
+	return rt, err
+}
+
+// serve starts the metrics and health endpoints.
+func serve(ctx context.Context, wg *sync.WaitGroup, o *Options, reg *prometheus.Registry, ready func(*http.Request) error) error {
+	servers := map[string]http.Handler{}
+	if o.MetricsBindAddress != "0" && o.MetricsBindAddress != "" {
+		servers[o.MetricsBindAddress] = promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg})
+	}
+	if o.HealthProbeAddress != "0" && o.HealthProbeAddress != "" {
+		mux := http.NewServeMux()
+		mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
+		mux.HandleFunc("/readyz", func(w http.ResponseWriter, req *http.Request) {
+			if err := ready(req); err != nil {
+				http.Error(w, err.Error(), http.StatusServiceUnavailable)
+				return
+			}
+			fmt.Fprintln(w, "ok")
+		})
+		if h, ok := servers[o.HealthProbeAddress]; ok { // one address for both
+			metrics := h
+			mux.Handle("/metrics", metrics)
+		}
+		servers[o.HealthProbeAddress] = mux
+	}
+	for addr, handler := range servers {
+		l, err := net.Listen("tcp", addr)
+		if err != nil {
+			return fmt.Errorf("listening on %s: %w", addr, err)
+		}
+		srv := &http.Server{Handler: handler, ReadHeaderTimeout: 10 * time.Second}
+		wg.Go(func() { _ = srv.Serve(l) })
+		wg.Go(func() {
+			<-ctx.Done()
+			shutdown, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			_ = srv.Shutdown(shutdown)
+		})
+	}
+	return nil
+}

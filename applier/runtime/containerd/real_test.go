@@ -1,0 +1,354 @@
+package containerd_test
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"reflect"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/containerd/containerd/v2/pkg/cio"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+
+	"github.com/kubediskguard/kubediskguard/applier/cgroup"
+	"github.com/kubediskguard/kubediskguard/applier/runtime"
+	"github.com/kubediskguard/kubediskguard/applier/runtime/containerd"
+	"github.com/kubediskguard/kubediskguard/applier/runtime/internal/runtimetest"
+)
+
+const eventTimeout = 10 * time.Second
+
+// pod is a pod as the kubelet would have it run by containerd's CRI
+// plugin: its UID and its cgroup, which every cleanup removes.
+type pod struct {
+	uid, cgroup string
+}
+
+func newPod(t *testing.T, d *runtimetest.Containerd) pod {
+	uid := randomHex(t, 16)
+	uid = fmt.Sprintf("%s-%s-%s-%s-%s", uid[:8], uid[8:12], uid[12:16], uid[16:20], uid[20:])
+	p := pod{uid: uid, cgroup: "/kubepods/besteffort/pod" + uid}
+	d.CleanupCgroups(t, p.cgroup)
+	return p
+}
+
+// labels are the CRI labels of a container of kind (container or
+// sandbox) named name in the pod.
+func (p pod) labels(kind, name string) map[string]string {
+	l := map[string]string{
+		runtime.LabelPodUID:        p.uid,
+		runtime.LabelPodNamespace:  "default",
+		runtime.LabelPodName:       "web",
+		runtime.LabelContainerType: kind,
+	}
+	if kind == "container" {
+		l[runtime.LabelContainerName] = name
+	}
+	return l
+}
+
+func randomHex(t *testing.T, n int) string {
+	b := make([]byte, n)
+	if _, err := rand.Read(b); err != nil {
+		t.Fatal(err)
+	}
+	return hex.EncodeToString(b)
+}
+
+func newRuntime(t *testing.T, d *runtimetest.Containerd, h *cgroup.Hierarchy) *containerd.Runtime {
+	t.Helper()
+	rt, err := containerd.New(t.Context(), d.Socket, containerd.DefaultNamespace, h)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { rt.Close() })
+	return rt
+}
+
+// TestRealListAndContainer runs, in a private containerd, a pod's
+// container and sandbox, a container without CRI labels, a created but
+// not started pod container and a labelled container in another
+// namespace, and checks that List and Container see exactly the running
+// pod container, with its pod, PID and cgroup.
+func TestRealListAndContainer(t *testing.T) {
+	d := runtimetest.StartContainerd(t)
+	h := runtimetest.Hierarchy(t)
+	rootfs := runtimetest.Rootfs(t, d.Dir())
+	p := newPod(t, d)
+	stray := "/kubediskguard-test-" + randomHex(t, 6)
+	d.CleanupCgroups(t, stray)
+
+	ns := containerd.DefaultNamespace
+	app := d.NewContainer(t, runtimetest.ContainerSpec{
+		Namespace: ns, ID: randomHex(t, 32), Labels: p.labels("container", "app"),
+		CgroupsPath: p.cgroup + "/" + "app", Rootfs: rootfs, Start: true,
+	})
+	sandbox := d.NewContainer(t, runtimetest.ContainerSpec{
+		Namespace: ns, ID: randomHex(t, 32), Labels: p.labels("sandbox", ""),
+		CgroupsPath: p.cgroup + "/sandbox", Rootfs: rootfs, Start: true,
+	})
+	plain := d.NewContainer(t, runtimetest.ContainerSpec{
+		Namespace: ns, ID: randomHex(t, 32),
+		CgroupsPath: stray + "/plain", Rootfs: rootfs, Start: true,
+	})
+	created := d.NewContainer(t, runtimetest.ContainerSpec{
+		Namespace: ns, ID: randomHex(t, 32), Labels: p.labels("container", "init"),
+		CgroupsPath: p.cgroup + "/init", Rootfs: rootfs,
+	})
+	elsewhere := d.NewContainer(t, runtimetest.ContainerSpec{
+		Namespace: "elsewhere", ID: randomHex(t, 32), Labels: p.labels("container", "other"),
+		CgroupsPath: p.cgroup + "/elsewhere", Rootfs: rootfs, Start: true,
+	})
+
+	rt := newRuntime(t, d, h)
+	ctx := t.Context()
+	want := runtime.Container{
+		ID: app.ID(), PodUID: p.uid, PodNamespace: "default", PodName: "web", Name: "app",
+		PID: int(app.Task.Pid()), CgroupDir: h.Join(p.cgroup + "/app"),
+	}
+
+	start := time.Now()
+	list, err := rt.List(ctx)
+	t.Logf("List took %s", time.Since(start).Round(time.Microsecond))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(list, []runtime.Container{want}) {
+		t.Fatalf("List:\n got %+v\nwant [%+v]", list, want)
+	}
+	// The cgroup from the spec is the one the kernel has the process in.
+	procDir, err := h.ProcessDir("", want.PID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if procDir != want.CgroupDir {
+		t.Errorf("CgroupDir %s, but /proc/%d/cgroup says %s", want.CgroupDir, want.PID, procDir)
+	}
+
+	start = time.Now()
+	got, err := rt.Container(ctx, app.ID())
+	t.Logf("Container took %s", time.Since(start).Round(time.Microsecond))
+	if err != nil || got != want {
+		t.Errorf("Container(app) = %+v, %v; want %+v", got, err, want)
+	}
+	wantCreated := runtime.Container{
+		ID: created.ID(), PodUID: p.uid, PodNamespace: "default", PodName: "web", Name: "init",
+		CgroupDir: h.Join(p.cgroup + "/init"),
+	}
+	if got, err := rt.Container(ctx, created.ID()); err != nil || got != wantCreated {
+		t.Errorf("Container(created, not started) = %+v, %v; want %+v", got, err, wantCreated)
+	}
+	for name, tc := range map[string]struct {
+		id   string
+		want error
+	}{
+		"sandbox":                        {sandbox.ID(), runtime.ErrNotKubernetes},
+		"container without CRI labels":   {plain.ID(), runtime.ErrNotKubernetes},
+		"container in another namespace": {elsewhere.ID(), runtime.ErrNotFound},
+		"unknown container":              {randomHex(t, 32), runtime.ErrNotFound},
+	} {
+		if _, err := rt.Container(ctx, tc.id); !errors.Is(err, tc.want) {
+			t.Errorf("Container(%s) error = %v, want %v", name, err, tc.want)
+		}
+	}
+
+	// Once its process is gone, the container is no longer listed, and
+	// Container has no PID for it.
+	cctx := namespaces.WithNamespace(ctx, ns)
+	exited, err := app.Task.Wait(cctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := app.Task.Kill(cctx, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	<-exited
+	if list, err := rt.List(ctx); err != nil || len(list) != 0 {
+		t.Errorf("List after the process exited = %+v, %v; want none", list, err)
+	}
+	wantExited := want
+	wantExited.PID = 0
+	if got, err := rt.Container(ctx, app.ID()); err != nil || got != wantExited {
+		t.Errorf("Container(app) after exit = %+v, %v; want %+v", got, err, wantExited)
+	}
+}
+
+// TestRealWatch follows a pod container through its lifecycle in a
+// private containerd, checking each event and how soon it came.
+func TestRealWatch(t *testing.T) {
+	d := runtimetest.StartContainerd(t)
+	h := runtimetest.Hierarchy(t)
+	rootfs := runtimetest.Rootfs(t, d.Dir())
+	p := newPod(t, d)
+	rt := newRuntime(t, d, h)
+
+	ctx, cancel := context.WithCancel(t.Context())
+	defer cancel()
+	start := time.Now()
+	w := runtimetest.Watch(ctx, rt)
+	at, err := w.Subscribed(t, eventTimeout)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("subscribed in %s", at.Sub(start).Round(time.Microsecond))
+
+	// A container in another namespace makes no event.
+	other := d.NewContainer(t, runtimetest.ContainerSpec{
+		Namespace: "elsewhere", ID: randomHex(t, 32), Labels: p.labels("container", "other"),
+		CgroupsPath: p.cgroup + "/other", Rootfs: rootfs,
+	})
+	if err := other.Delete(namespaces.WithNamespace(ctx, "elsewhere")); err != nil {
+		t.Fatal(err)
+	}
+
+	cctx := namespaces.WithNamespace(ctx, containerd.DefaultNamespace)
+	var c *runtimetest.Container
+	steps := []struct {
+		name string
+		do   func()
+		want []runtime.EventKind
+	}{
+		{"create container", func() {
+			c = d.NewContainer(t, runtimetest.ContainerSpec{
+				Namespace: containerd.DefaultNamespace, ID: randomHex(t, 32), Labels: p.labels("container", "app"),
+				CgroupsPath: p.cgroup + "/app", Rootfs: rootfs,
+			})
+		}, []runtime.EventKind{runtime.Created}},
+		{"create task", func() {
+			tk, err := c.NewTask(cctx, cio.NullIO)
+			if err != nil {
+				t.Fatal(err)
+			}
+			c.Task = tk
+		}, []runtime.EventKind{runtime.Started}},
+		{"start task", func() {
+			if err := c.Task.Start(cctx); err != nil {
+				t.Fatal(err)
+			}
+		}, []runtime.EventKind{runtime.Started}},
+		{"run an exec process in it", func() {
+			spec, err := c.Spec(cctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			pspec := *spec.Process
+			pspec.Args = []string{"/bin/busybox", "true"}
+			proc, err := c.Task.Exec(cctx, "probe", &pspec, cio.NullIO)
+			if err != nil {
+				t.Fatal(err)
+			}
+			exited, err := proc.Wait(cctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := proc.Start(cctx); err != nil {
+				t.Fatal(err)
+			}
+			<-exited
+			if _, err := proc.Delete(cctx); err != nil {
+				t.Fatal(err)
+			}
+		}, nil}, // its exit is not the container's
+		{"kill task", func() {
+			if err := c.Task.Kill(cctx, syscall.SIGKILL); err != nil {
+				t.Fatal(err)
+			}
+		}, []runtime.EventKind{runtime.Exited}},
+		{"delete task", func() {
+			// Delete waits for the exit itself.
+			if _, err := c.Task.Delete(cctx); err != nil {
+				t.Fatal(err)
+			}
+		}, []runtime.EventKind{runtime.Exited}},
+		{"delete container", func() {
+			if err := c.Delete(cctx); err != nil {
+				t.Fatal(err)
+			}
+		}, []runtime.EventKind{runtime.Deleted}},
+	}
+	for _, s := range steps {
+		start := time.Now()
+		s.do()
+		for _, kind := range s.want {
+			ev := w.Next(t, eventTimeout)
+			if ev.Kind != kind || ev.ContainerID != c.ID() {
+				t.Fatalf("%s: got event %s %s, want %s %s", s.name, ev.Kind, ev.ContainerID, kind, c.ID())
+			}
+			wantPID := 0
+			if kind == runtime.Started {
+				wantPID = int(c.Task.Pid())
+			}
+			if ev.PID != wantPID {
+				t.Errorf("%s: event %s has PID %d, want %d", s.name, ev.Kind, ev.PID, wantPID)
+			}
+			t.Logf("%-16s -> %-7s after %s", s.name, ev.Kind, ev.At.Sub(start).Round(time.Microsecond))
+		}
+		if s.want == nil {
+			w.Quiet(t, 200*time.Millisecond)
+		}
+	}
+	w.Quiet(t, 200*time.Millisecond)
+
+	cancel()
+	if err := w.Done(t, eventTimeout); err != nil {
+		t.Errorf("Watch returned %v after its context was canceled, want nil", err)
+	}
+}
+
+// TestRealWatchReconnect kills containerd under a running Watch, which
+// must return an error, restarts it on the same directories, and checks
+// that Watch, called again as the caller's backoff would, gets events.
+func TestRealWatchReconnect(t *testing.T) {
+	d := runtimetest.StartContainerd(t)
+	h := runtimetest.Hierarchy(t)
+	rootfs := runtimetest.Rootfs(t, d.Dir())
+	p := newPod(t, d)
+	rt := newRuntime(t, d, h)
+	ctx := t.Context()
+
+	w := runtimetest.Watch(ctx, rt)
+	if _, err := w.Subscribed(t, eventTimeout); err != nil {
+		t.Fatal(err)
+	}
+	killed := time.Now()
+	d.Kill(t)
+	err := w.Done(t, eventTimeout)
+	if err == nil {
+		t.Fatal("Watch returned nil when containerd was killed, want an error")
+	}
+	t.Logf("Watch returned %s after SIGKILL: %v", time.Since(killed).Round(time.Microsecond), err)
+
+	// While containerd is down, Watch fails at once.
+	start := time.Now()
+	if err := rt.Watch(ctx, func() { t.Error("subscribed while containerd is down") }, func(runtime.Event) {}); err == nil {
+		t.Fatal("Watch returned nil while containerd is down")
+	}
+	t.Logf("Watch while containerd is down failed in %s", time.Since(start).Round(time.Microsecond))
+
+	d.Start(t)
+	restarted := time.Now()
+	attempts := 0
+	for {
+		attempts++
+		w = runtimetest.Watch(ctx, rt)
+		if _, err := w.Subscribed(t, eventTimeout); err == nil {
+			break
+		} else if time.Since(restarted) > 30*time.Second {
+			t.Fatalf("Watch still fails %s after containerd restarted: %v", time.Since(restarted), err)
+		}
+		time.Sleep(100 * time.Millisecond) // the caller's backoff
+	}
+	t.Logf("Watch subscribed again %s after containerd answered, at attempt %d", time.Since(restarted).Round(time.Millisecond), attempts)
+
+	c := d.NewContainer(t, runtimetest.ContainerSpec{
+		Namespace: containerd.DefaultNamespace, ID: randomHex(t, 32), Labels: p.labels("container", "app"),
+		CgroupsPath: p.cgroup + "/app", Rootfs: rootfs,
+	})
+	if ev := w.Next(t, eventTimeout); ev.Kind != runtime.Created || ev.ContainerID != c.ID() {
+		t.Fatalf("after the restart: got event %s %s, want created %s", ev.Kind, ev.ContainerID, c.ID())
+	}
+}

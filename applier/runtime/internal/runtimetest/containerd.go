@@ -1,0 +1,194 @@
+package runtimetest
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/containerd/containerd/api/types/runc/options"
+	"github.com/containerd/containerd/v2/client"
+	"github.com/containerd/containerd/v2/pkg/cio"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/containerd/v2/pkg/oci"
+	"github.com/containerd/errdefs"
+
+	"github.com/kubediskguard/kubediskguard/shared/realtest"
+)
+
+// Containerd is a private containerd: its root, state, sockets and the
+// runc state of its containers are in Dir.
+type Containerd struct {
+	daemon
+	// Socket is its gRPC socket.
+	Socket string
+	// Client is a client of it for the test's own requests.
+	Client *client.Client
+
+	bin, config, runcRoot string
+}
+
+// StartContainerd starts a private containerd as root, or stops the test
+// when containerd, its runc shim or runc is missing. It is stopped when
+// the test ends, after its containers are removed and any process it left
+// is killed.
+func StartContainerd(t testing.TB) *Containerd {
+	t.Helper()
+	realtest.Root(t)
+	bin := Bin(t, "containerd", ContainerdPackages)
+	Bin(t, "containerd-shim-runc-v2", ContainerdPackages)
+	Bin(t, "runc", ContainerdPackages)
+	lockOnce(t)
+	cleanupShimSockets(t)
+
+	dir := t.TempDir()
+	d := &Containerd{
+		daemon:   daemon{name: "containerd", dir: dir, log: filepath.Join(dir, "containerd.log")},
+		Socket:   filepath.Join(dir, "containerd.sock"),
+		bin:      bin,
+		config:   filepath.Join(dir, "config.toml"),
+		runcRoot: filepath.Join(dir, "runc"),
+	}
+	config := fmt.Sprintf(`version = 2
+root = %[1]q
+state = %[2]q
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+
+[grpc]
+  address = %[3]q
+
+[ttrpc]
+  address = %[4]q
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = %[5]q
+`, filepath.Join(dir, "root"), filepath.Join(dir, "state"), d.Socket, d.Socket+".ttrpc", filepath.Join(dir, "opt"))
+	if err := os.WriteFile(d.config, []byte(config), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	c, err := client.New(d.Socket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.Client = c
+	t.Cleanup(func() {
+		if d.running() {
+			d.removeContainers(t)
+		}
+		c.Close()
+		d.stop(t)
+		d.cleanupHost(t)
+		if t.Failed() {
+			t.Log(d.logTail())
+		}
+	})
+	d.Start(t)
+	return d
+}
+
+// Start starts containerd on its directory, as after a crash or a
+// restart, and waits until it answers.
+func (d *Containerd) Start(t testing.TB) time.Duration {
+	t.Helper()
+	if d.running() {
+		t.Fatal("containerd is already running")
+	}
+	started := time.Now()
+	d.start(t, d.bin, "--config", d.config)
+	took := d.waitReady(t, started, func(ctx context.Context) error {
+		// A new connection each time: a client that knew the previous
+		// containerd waits out gRPC's reconnection backoff.
+		c, err := client.New(d.Socket)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		_, err = c.Version(ctx)
+		return err
+	})
+	t.Logf("containerd up in %s (pid %d)", took.Round(time.Millisecond), d.cmd.Process.Pid)
+	return took
+}
+
+// Container is a container that a test made in a private containerd.
+type Container struct {
+	client.Container
+	// Task is its task once started.
+	Task client.Task
+}
+
+// ContainerSpec says what container to make: labels, the cgroups path of
+// its OCI spec, and whether to start its task (busybox sleep).
+type ContainerSpec struct {
+	Namespace   string
+	ID          string
+	Labels      map[string]string
+	CgroupsPath string
+	Rootfs      string
+	Start       bool
+}
+
+// NewContainer makes a container as containerd's CRI plugin would,
+// without an image: its root filesystem is spec.Rootfs.
+func (d *Containerd) NewContainer(t testing.TB, spec ContainerSpec) *Container {
+	t.Helper()
+	ctx := namespaces.WithNamespace(context.Background(), spec.Namespace)
+	c, err := d.Client.NewContainer(ctx, spec.ID,
+		client.WithRuntime("io.containerd.runc.v2", &options.Options{Root: d.runcRoot}),
+		client.WithNewSpec(
+			oci.WithRootFSPath(spec.Rootfs),
+			oci.WithProcessArgs("/bin/busybox", "sleep", "3600"),
+			oci.WithCgroup(spec.CgroupsPath),
+		),
+		client.WithContainerLabels(spec.Labels),
+	)
+	if err != nil {
+		t.Fatalf("creating container %s: %v", spec.ID, err)
+	}
+	out := &Container{Container: c}
+	if !spec.Start {
+		return out
+	}
+	task, err := c.NewTask(ctx, cio.NullIO)
+	if err != nil {
+		t.Fatalf("creating the task of container %s: %v", spec.ID, err)
+	}
+	if err := task.Start(ctx); err != nil {
+		t.Fatalf("starting the task of container %s: %v", spec.ID, err)
+	}
+	out.Task = task
+	return out
+}
+
+// removeContainers kills and deletes the tasks and containers of every
+// namespace.
+func (d *Containerd) removeContainers(t testing.TB) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	nss, err := d.Client.NamespaceService().List(ctx)
+	if err != nil {
+		t.Errorf("containerd cleanup: listing namespaces: %v", err)
+		return
+	}
+	for _, ns := range nss {
+		ctx := namespaces.WithNamespace(ctx, ns)
+		cs, err := d.Client.Containers(ctx)
+		if err != nil {
+			t.Errorf("containerd cleanup: listing containers of %s: %v", ns, err)
+			continue
+		}
+		for _, c := range cs {
+			if task, err := c.Task(ctx, nil); err == nil {
+				if _, err := task.Delete(ctx, client.WithProcessKill); err != nil && !errdefs.IsNotFound(err) {
+					t.Errorf("containerd cleanup: deleting the task of %s: %v", c.ID(), err)
+				}
+			}
+			if err := c.Delete(ctx); err != nil && !errdefs.IsNotFound(err) {
+				t.Errorf("containerd cleanup: deleting container %s: %v", c.ID(), err)
+			}
+		}
+	}
+}

@@ -1,0 +1,576 @@
+// Package runtimetest starts private containerd and dockerd daemons for the
+// real tests of the runtime packages, each in its own temporary directory
+// and never on the host's default sockets, and undoes what they leave on
+// the host: processes (stopped by PID), mounts and cgroups.
+package runtimetest
+
+import (
+	"archive/tar"
+	"bufio"
+	"bytes"
+	"context"
+	"debug/elf"
+	"errors"
+	"fmt"
+	"io/fs"
+	"maps"
+	"net"
+	"os"
+	"os/exec"
+	"path"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/kubediskguard/kubediskguard/applier/cgroup"
+	"github.com/kubediskguard/kubediskguard/shared/realtest"
+)
+
+// Debian packages of the real components.
+const (
+	ContainerdPackages = "apt-get install containerd runc"
+	DockerPackages     = "apt-get install docker.io"
+	BusyboxPackages    = "apt-get install busybox-static"
+)
+
+// startTimeout bounds how long a daemon may take to answer, stopTimeout
+// how long it may take to exit on SIGTERM before it is killed.
+const (
+	startTimeout = 15 * time.Second
+	stopTimeout  = 15 * time.Second
+)
+
+// lockPath is the lock that keeps the real runtime tests of different
+// packages, which go test runs in parallel, from running daemons at once.
+const lockPath = "/tmp/kubediskguard-runtimetest.lock"
+
+// Lock waits until no other test of these packages runs daemons, and
+// holds that until the test ends. It is taken by StartContainerd and
+// StartDockerd; a test that starts both takes it once.
+func Lock(t testing.TB) {
+	t.Helper()
+	f, err := os.OpenFile(lockPath, os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil {
+		f.Close()
+		t.Fatalf("locking %s: %v", lockPath, err)
+	}
+	if d := time.Since(start); d > time.Second {
+		t.Logf("waited %s for other real runtime tests", d.Round(time.Millisecond))
+	}
+	t.Cleanup(func() { f.Close() })
+}
+
+// locked records the tests that hold the lock, so that a test that starts
+// two daemons does not wait for itself.
+var (
+	lockedMu sync.Mutex
+	locked   = map[testing.TB]bool{}
+)
+
+func lockOnce(t testing.TB) {
+	t.Helper()
+	lockedMu.Lock()
+	held := locked[t]
+	locked[t] = true
+	lockedMu.Unlock()
+	if held {
+		return
+	}
+	Lock(t)
+	t.Cleanup(func() {
+		lockedMu.Lock()
+		delete(locked, t)
+		lockedMu.Unlock()
+	})
+}
+
+// Hierarchy returns the host's cgroup hierarchy of the block IO controller.
+func Hierarchy(t testing.TB) *cgroup.Hierarchy {
+	t.Helper()
+	h, err := cgroup.Open(cgroup.DefaultRoot, cgroup.Auto)
+	if err != nil {
+		realtest.Missing(t, "a cgroup hierarchy with the block IO controller ("+err.Error()+")", "run on a Linux host with cgroup v1 blkio or cgroup v2 io")
+	}
+	return h
+}
+
+// Bin returns the path of the program name, looked up in PATH and in
+// /usr/sbin and /usr/bin, or stops the test saying which packages have it.
+func Bin(t testing.TB, name, packages string) string {
+	t.Helper()
+	if p, err := exec.LookPath(name); err == nil {
+		return p
+	}
+	for _, dir := range []string{"/usr/sbin", "/usr/bin", "/sbin", "/bin"} {
+		p := filepath.Join(dir, name)
+		if fi, err := os.Stat(p); err == nil && fi.Mode().IsRegular() && fi.Mode()&0o111 != 0 {
+			return p
+		}
+	}
+	realtest.Missing(t, name+" is not installed", packages)
+	return ""
+}
+
+// daemonEnv is the environment of the daemons: they find runc and the
+// shims in PATH, which may lack the sbin directories under go test.
+func daemonEnv() []string {
+	env := slices.DeleteFunc(os.Environ(), func(kv string) bool { return strings.HasPrefix(kv, "PATH=") })
+	return append(env, "PATH="+os.Getenv("PATH")+":/usr/local/sbin:/usr/sbin:/sbin:/usr/bin:/bin")
+}
+
+// Rootfs returns a new directory under parent holding a root filesystem
+// with a static busybox as /bin/busybox and /bin/sh.
+func Rootfs(t testing.TB, parent string) string {
+	t.Helper()
+	bb := busybox(t)
+	dir := filepath.Join(parent, "rootfs")
+	if err := os.MkdirAll(filepath.Join(dir, "bin"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(bb)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "bin", "busybox"), b, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink("busybox", filepath.Join(dir, "bin", "sh")); err != nil {
+		t.Fatal(err)
+	}
+	return dir
+}
+
+// RootfsTar returns the tar archive of the root filesystem that Rootfs
+// makes, for docker import.
+func RootfsTar(t testing.TB) []byte {
+	t.Helper()
+	b, err := os.ReadFile(busybox(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var buf bytes.Buffer
+	tw := tar.NewWriter(&buf)
+	for _, h := range []*tar.Header{
+		{Name: "bin/", Typeflag: tar.TypeDir, Mode: 0o755},
+		{Name: "bin/busybox", Typeflag: tar.TypeReg, Mode: 0o755, Size: int64(len(b))},
+		{Name: "bin/sh", Typeflag: tar.TypeSymlink, Linkname: "busybox", Mode: 0o777},
+	} {
+		if err := tw.WriteHeader(h); err != nil {
+			t.Fatal(err)
+		}
+		if h.Typeflag == tar.TypeReg {
+			if _, err := tw.Write(b); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if err := tw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return buf.Bytes()
+}
+
+// busybox returns the path of a statically linked busybox.
+func busybox(t testing.TB) string {
+	t.Helper()
+	for _, p := range []string{"/bin/busybox", "/usr/bin/busybox"} {
+		f, err := elf.Open(p)
+		if err != nil {
+			continue
+		}
+		static := true
+		for _, prog := range f.Progs {
+			if prog.Type == elf.PT_INTERP {
+				static = false
+			}
+		}
+		f.Close()
+		if static {
+			return p
+		}
+	}
+	realtest.Missing(t, "a statically linked busybox (for the containers' root filesystem)", BusyboxPackages)
+	return ""
+}
+
+// daemon is a daemon process started by a test.
+type daemon struct {
+	name   string
+	dir    string // everything of the daemon is below it
+	log    string
+	cmd    *exec.Cmd
+	exited chan struct{}
+	// cgroups are removed after the daemon stopped; see CleanupCgroups.
+	cgroups []string
+}
+
+// start starts the program bin with args, its output appended to d.log.
+func (d *daemon) start(t testing.TB, bin string, args ...string) {
+	t.Helper()
+	logf, err := os.OpenFile(d.log, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer logf.Close()
+	cmd := exec.Command(bin, args...)
+	cmd.Env = daemonEnv()
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("starting %s: %v", d.name, err)
+	}
+	d.cmd, d.exited = cmd, make(chan struct{})
+	go func(exited chan struct{}) {
+		_ = cmd.Wait()
+		close(exited)
+	}(d.exited)
+}
+
+// Dir is the daemon's directory; everything of it is below.
+func (d *daemon) Dir() string { return d.dir }
+
+// running reports whether the daemon's process has not exited.
+func (d *daemon) running() bool {
+	if d.cmd == nil {
+		return false
+	}
+	select {
+	case <-d.exited:
+		return false
+	default:
+		return true
+	}
+}
+
+// waitReady calls ready until it succeeds, the daemon exits or
+// startTimeout passes, and returns how long the daemon took.
+func (d *daemon) waitReady(t testing.TB, started time.Time, ready func(context.Context) error) time.Duration {
+	t.Helper()
+	deadline := started.Add(startTimeout)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		err := ready(ctx)
+		cancel()
+		if err == nil {
+			return time.Since(started)
+		}
+		if !d.running() {
+			t.Fatalf("%s exited before it answered: %v\n%s", d.name, d.cmd.ProcessState, d.logTail())
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s did not answer within %s: %v\n%s", d.name, startTimeout, err, d.logTail())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// Kill kills the daemon with SIGKILL, as a crash would, and waits until
+// it is gone.
+func (d *daemon) Kill(t testing.TB) {
+	t.Helper()
+	if !d.running() {
+		return
+	}
+	_ = d.cmd.Process.Signal(syscall.SIGKILL)
+	<-d.exited
+}
+
+// stop stops the daemon with SIGTERM, or SIGKILL after stopTimeout.
+func (d *daemon) stop(t testing.TB) {
+	t.Helper()
+	if !d.running() {
+		return
+	}
+	_ = d.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-d.exited:
+	case <-time.After(stopTimeout):
+		t.Errorf("%s did not exit within %s of SIGTERM; killing it", d.name, stopTimeout)
+		_ = d.cmd.Process.Signal(syscall.SIGKILL)
+		<-d.exited
+	}
+}
+
+// logTail returns the end of the daemon's log, for failure messages.
+func (d *daemon) logTail() string {
+	b, _ := os.ReadFile(d.log)
+	if len(b) > 4000 {
+		b = b[len(b)-4000:]
+	}
+	return fmt.Sprintf("--- end of %s ---\n%s", d.log, b)
+}
+
+// cleanupHost kills the processes the daemon left (see leftoverPIDs),
+// unmounts what is mounted under its directory and removes the cgroups
+// that CleanupCgroups named.
+func (d *daemon) cleanupHost(t testing.TB) {
+	t.Helper()
+	for _, pid := range leftoverPIDs(d.dir) {
+		t.Logf("%s left process %d; killing it", d.name, pid)
+		_ = syscall.Kill(pid, syscall.SIGKILL)
+		for i := 0; i < 500 && alive(pid); i++ {
+			time.Sleep(10 * time.Millisecond)
+		}
+	}
+	unmountUnder(t, d.dir)
+	removeCgroups(t, d.cgroups)
+}
+
+// leftoverPIDs returns the live processes that the daemon with directory
+// dir left: those whose command line names dir (the daemon, its shims,
+// dockerd's containerd), their children (container processes), and the
+// processes named by pid files under dir that run in a mount namespace
+// other than ours (container processes whose shim is gone).
+func leftoverPIDs(dir string) []int {
+	entries, _ := os.ReadDir("/proc")
+	ours := map[int]bool{}
+	parent := map[int]int{}
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid == os.Getpid() || !alive(pid) {
+			continue
+		}
+		cmdline, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+		if bytes.Contains(cmdline, []byte(dir)) {
+			ours[pid] = true
+		}
+		parent[pid] = ppid(pid)
+	}
+	for pid, pp := range parent {
+		if ours[pp] {
+			ours[pid] = true
+		}
+	}
+	myNS, _ := os.Readlink("/proc/self/ns/mnt")
+	_ = filepath.WalkDir(dir, func(p string, e fs.DirEntry, err error) error {
+		if err != nil || e.IsDir() || !strings.HasSuffix(e.Name(), ".pid") {
+			return nil
+		}
+		b, err := os.ReadFile(p)
+		if err != nil {
+			return nil
+		}
+		pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+		if err != nil || pid <= 1 || !alive(pid) {
+			return nil
+		}
+		if ns, err := os.Readlink(fmt.Sprintf("/proc/%d/ns/mnt", pid)); err == nil && ns != myNS {
+			ours[pid] = true
+		}
+		return nil
+	})
+	pids := slices.Collect(maps.Keys(ours))
+	slices.Sort(pids)
+	return pids
+}
+
+// ppid returns the parent of pid, 0 if unknown.
+func ppid(pid int) int {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0
+	}
+	// pid (comm) state ppid ...
+	_, rest, _ := strings.Cut(string(b), ") ")
+	f := strings.Fields(rest)
+	if len(f) < 2 {
+		return 0
+	}
+	n, _ := strconv.Atoi(f[1])
+	return n
+}
+
+func alive(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return false
+	}
+	// A zombie is as good as gone.
+	_, rest, _ := strings.Cut(string(b), ") ")
+	return !strings.HasPrefix(rest, "Z")
+}
+
+// unmountUnder unmounts, deepest first, every mount point under dir.
+func unmountUnder(t testing.TB, dir string) {
+	t.Helper()
+	var points []string
+	for _, f := range mountinfo(t) {
+		if strings.HasPrefix(f.point, dir+"/") {
+			points = append(points, f.point)
+		}
+	}
+	slices.SortFunc(points, func(a, b string) int { return strings.Count(b, "/") - strings.Count(a, "/") })
+	for _, p := range points {
+		if err := syscall.Unmount(p, syscall.MNT_DETACH); err != nil && !errors.Is(err, syscall.EINVAL) && !errors.Is(err, syscall.ENOENT) {
+			t.Errorf("unmounting %s: %v", p, err)
+		}
+	}
+}
+
+type mount struct{ point, fstype string }
+
+// mountinfo returns the mounts of this process's mount namespace.
+func mountinfo(t testing.TB) []mount {
+	t.Helper()
+	f, err := os.Open("/proc/self/mountinfo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	var ms []mount
+	s := bufio.NewScanner(f)
+	for s.Scan() {
+		// 36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw
+		fields := strings.Fields(s.Text())
+		sep := slices.Index(fields, "-")
+		if len(fields) < 5 || sep < 0 || sep+1 >= len(fields) {
+			continue
+		}
+		ms = append(ms, mount{point: unescape(fields[4]), fstype: fields[sep+1]})
+	}
+	return ms
+}
+
+// unescape undoes mountinfo's octal escapes (\040 for a space).
+func unescape(s string) string {
+	if !strings.Contains(s, `\`) {
+		return s
+	}
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		if s[i] == '\\' && i+3 < len(s) {
+			if n, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
+				b.WriteByte(byte(n))
+				i += 3
+				continue
+			}
+		}
+		b.WriteByte(s[i])
+	}
+	return b.String()
+}
+
+// CleanupCgroups removes, once the daemon stopped when the test ends, the
+// cgroups at paths (paths in the hierarchies, such as
+// "/kubepods/besteffort/pod<uid>") with all their descendants, and their
+// ancestors, in every mounted cgroup hierarchy (v1 controllers, named and
+// unified), leaf first. Only cgroups that do not exist now are removed, so
+// nothing that was there before is touched: call it before the daemon
+// makes them.
+func (d *daemon) CleanupCgroups(t testing.TB, paths ...string) {
+	t.Helper()
+	var roots []string
+	for _, m := range mountinfo(t) {
+		if (m.fstype == "cgroup" || m.fstype == "cgroup2") && strings.HasPrefix(m.point, cgroup.DefaultRoot) {
+			roots = append(roots, m.point)
+		}
+	}
+	for _, root := range roots {
+		for _, p := range paths {
+			for p = path.Clean("/" + p); p != "/"; p = path.Dir(p) {
+				dir := filepath.Join(root, p)
+				if _, err := os.Stat(dir); err == nil {
+					break
+				}
+				d.cgroups = append(d.cgroups, dir)
+			}
+		}
+	}
+}
+
+// removeCgroups removes dirs and the cgroups below them, deepest first.
+func removeCgroups(t testing.TB, dirs []string) {
+	t.Helper()
+	var all []string
+	for _, dir := range dirs {
+		_ = filepath.WalkDir(dir, func(p string, e fs.DirEntry, err error) error {
+			if err == nil && e.IsDir() {
+				all = append(all, p)
+			}
+			return nil
+		})
+	}
+	slices.SortFunc(all, func(a, b string) int {
+		if d := strings.Count(b, "/") - strings.Count(a, "/"); d != 0 {
+			return d
+		}
+		return strings.Compare(a, b)
+	})
+	for _, dir := range slices.Compact(all) {
+		if err := os.Remove(dir); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			// Another test's cgroups below it keep it: not ours to remove.
+			if sub, _ := os.ReadDir(dir); slices.ContainsFunc(sub, fs.DirEntry.IsDir) {
+				t.Logf("leaving cgroup %s: it has child cgroups", dir)
+				continue
+			}
+			procs, _ := os.ReadFile(filepath.Join(dir, "cgroup.procs"))
+			t.Errorf("removing cgroup %s: %v (processes: %q)", dir, err, strings.Fields(string(procs)))
+		}
+	}
+}
+
+// cleanupShimSockets removes, when the test ends, the sockets that
+// containerd's shims leave in /run/containerd/s, a directory containerd
+// 1.6 uses whatever its configuration says: the sockets that appear there
+// during the test and that nothing listens on by then. It removes the
+// directory and /run/containerd too if they were not there before and are
+// empty.
+func cleanupShimSockets(t testing.TB) {
+	t.Helper()
+	const dir, parent = "/run/containerd/s", "/run/containerd"
+	before := map[string]bool{}
+	entries, err := os.ReadDir(dir)
+	for _, e := range entries {
+		before[e.Name()] = true
+	}
+	dirExisted := err == nil
+	_, err = os.Stat(parent)
+	parentExisted := err == nil
+	t.Cleanup(func() {
+		entries, _ := os.ReadDir(dir)
+		for _, e := range entries {
+			p := filepath.Join(dir, e.Name())
+			if before[e.Name()] || e.Type()&fs.ModeSocket == 0 {
+				continue
+			}
+			if c, err := net.DialTimeout("unix", p, time.Second); err == nil {
+				c.Close()
+				continue
+			}
+			_ = os.Remove(p)
+		}
+		if !dirExisted {
+			_ = os.Remove(dir)
+		}
+		if !parentExisted {
+			_ = os.Remove(parent)
+		}
+	})
+}
+
+// CleanupDirs removes, when the test ends, each of dirs that does not
+// exist now and is empty then, last first (such as /run/docker, where
+// dockerd makes a plugins directory whatever its configuration says).
+func CleanupDirs(t testing.TB, dirs ...string) {
+	t.Helper()
+	var missing []string
+	for _, dir := range dirs {
+		if _, err := os.Stat(dir); errors.Is(err, fs.ErrNotExist) {
+			missing = append(missing, dir)
+		}
+	}
+	t.Cleanup(func() {
+		for _, dir := range slices.Backward(missing) {
+			_ = os.Remove(dir)
+		}
+	})
+}

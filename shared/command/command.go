@@ -1,0 +1,68 @@
+// Package command is the shared main of both binaries: parse the options,
+// set up structured logging, find the cluster, run until SIGTERM/SIGINT, and
+// exit non-zero with the reason on any failure.
+package command
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/log/zap"
+)
+
+// Options are a binary's parsed options.
+type Options interface {
+	// Logging returns the log options bound to the command line.
+	Logging() *zap.Options
+	// KubeconfigPath is --kubeconfig ("" for in-cluster or $KUBECONFIG).
+	KubeconfigPath() string
+	// Run runs the binary until ctx is done.
+	Run(ctx context.Context, cfg *rest.Config) error
+}
+
+// Main runs the binary name: parse reads its options from the command line
+// and the environment. Bad options exit 2, a failed run exits 1.
+func Main[O Options](name string, parse func(args []string, lookupEnv func(string) (string, bool)) (O, error)) {
+	o, err := parse(os.Args[1:], os.LookupEnv)
+	if errors.Is(err, flag.ErrHelp) {
+		fmt.Println(err)
+		os.Exit(0)
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "%s: %v\n", name, err)
+		os.Exit(2)
+	}
+	ctrl.SetLogger(zap.New(zap.UseFlagOptions(o.Logging())))
+	log := ctrl.Log.WithName(name)
+	cfg, err := RESTConfig(o.KubeconfigPath())
+	if err == nil {
+		err = o.Run(ctrl.LoggerInto(ctrl.SetupSignalHandler(), log), cfg)
+	}
+	if err != nil {
+		log.Error(err, "exiting")
+		os.Exit(1)
+	}
+}
+
+// RESTConfig loads the cluster connection: the kubeconfig file when given,
+// else the in-cluster configuration or $KUBECONFIG.
+func RESTConfig(kubeconfig string) (*rest.Config, error) {
+	if kubeconfig != "" {
+		cfg, err := clientcmd.BuildConfigFromFlags("", kubeconfig)
+		if err != nil {
+			return nil, fmt.Errorf("loading --kubeconfig %s: %w", kubeconfig, err)
+		}
+		return cfg, nil
+	}
+	cfg, err := ctrl.GetConfig()
+	if err != nil {
+		return nil, fmt.Errorf("finding the cluster (set --kubeconfig): %w", err)
+	}
+	return cfg, nil
+}

@@ -29,11 +29,7 @@ func TestResolvedPatchAppliesToTheWholePod(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			ops, err := resolvedPatch(pod, hasMetadata, value)
-			if err != nil {
-				t.Fatal(err)
-			}
-			opsJSON, _ := json.Marshal(ops)
+			opsJSON, _ := json.Marshal(resolvedPatch(pod, hasMetadata, value))
 			patch, err := jsonpatch.DecodePatch(opsJSON)
 			if err != nil {
 				t.Fatal(err)

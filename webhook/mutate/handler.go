@@ -92,10 +92,7 @@ func (h *PodLimiter) Handle(ctx context.Context, req admission.Request) admissio
 	if old, ok := pod.Annotations[limits.ResolvedAnnotation]; ok && old == value {
 		return h.count(decisionUnchanged, admission.Allowed("limits unchanged").WithWarnings(res.Messages()...))
 	}
-	patch, err := resolvedPatch(pod, hasMetadata, value)
-	if err != nil {
-		return h.count(decisionError, admission.Errored(http.StatusInternalServerError, fmt.Errorf("computing the patch: %w", err)))
-	}
+	patch := resolvedPatch(pod, hasMetadata, value)
 	log.V(1).Info("pod stamped", "pod", podName(pod), "limits", value, "reason", res.Reason)
 	return h.count(decisionStamped, admission.Patched("", patch...).WithWarnings(res.Messages()...))
 }

@@ -8,6 +8,7 @@ import (
 	"strings"
 	"testing"
 
+	jsonpatch "gopkg.in/evanphx/json-patch.v4"
 	admissionv1 "k8s.io/api/admission/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -77,21 +78,32 @@ func basePod(annotations map[string]string) *corev1.Pod {
 	}
 }
 
-// applied returns the resolved annotation after the response's patch, or
-// "" when the response has no patch.
-func patchedAnnotation(t *testing.T, resp admission.Response) (string, bool) {
+// patchedAnnotation applies the response's patch to the request's pod the
+// way the API server does, and returns the resolved annotation it then has;
+// ok is false when there is no patch.
+func patchedAnnotation(t *testing.T, req admission.Request, resp admission.Response) (string, bool) {
 	t.Helper()
-	for _, p := range resp.Patches {
-		switch {
-		case p.Path == "/metadata/annotations" && p.Operation != "remove":
-			m, _ := p.Value.(map[string]any)
-			v, ok := m[limits.ResolvedAnnotation].(string)
-			return v, ok
-		case p.Path == "/metadata/annotations/kubediskguard.io~1limits":
-			return p.Value.(string), true
-		}
+	if len(resp.Patches) == 0 {
+		return "", false
 	}
-	return "", false
+	ops, err := json.Marshal(resp.Patches)
+	if err != nil {
+		t.Fatal(err)
+	}
+	patch, err := jsonpatch.DecodePatch(ops)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := patch.Apply(req.Object.Raw)
+	if err != nil {
+		t.Fatalf("patch %s does not apply: %v", ops, err)
+	}
+	var pod corev1.Pod
+	if err := json.Unmarshal(out, &pod); err != nil {
+		t.Fatal(err)
+	}
+	v, ok := pod.Annotations[limits.ResolvedAnnotation]
+	return v, ok
 }
 
 func TestHandle(t *testing.T) {
@@ -188,7 +200,8 @@ func TestHandle(t *testing.T) {
 	h := testHandler(namespaces())
 	for name, tc := range tests {
 		t.Run(name, func(t *testing.T) {
-			resp := h.Handle(context.Background(), tc.req(t))
+			req := tc.req(t)
+			resp := h.Handle(context.Background(), req)
 			if resp.Allowed != tc.wantAllowed {
 				t.Fatalf("Allowed = %v, want %v; result %+v", resp.Allowed, tc.wantAllowed, resp.Result)
 			}
@@ -198,7 +211,7 @@ func TestHandle(t *testing.T) {
 			if tc.wantMessage != "" && !strings.Contains(resp.Result.Message, tc.wantMessage) {
 				t.Fatalf("message = %q\nwant it to contain %q", resp.Result.Message, tc.wantMessage)
 			}
-			got, ok := patchedAnnotation(t, resp)
+			got, ok := patchedAnnotation(t, req, resp)
 			if tc.wantPatch == "" && len(resp.Patches) > 0 {
 				t.Fatalf("want no patch, got %+v", resp.Patches)
 			}

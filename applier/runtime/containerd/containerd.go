@@ -177,9 +177,12 @@ func (r *Runtime) Container(ctx context.Context, id string) (runtime.Container, 
 	return c, nil
 }
 
-// alive reports whether a task in status s has its init process.
+// alive reports whether a task in status s has its init process. A created
+// task has it too: runc's init process waits in the container's cgroup
+// until the task starts, so limits written then are in place before the
+// container's program runs its first instruction.
 func alive(s task.Status) bool {
-	return s == task.Status_RUNNING || s == task.Status_PAUSED || s == task.Status_PAUSING
+	return s == task.Status_CREATED || s == task.Status_RUNNING || s == task.Status_PAUSED || s == task.Status_PAUSING
 }
 
 // container makes a runtime.Container, without its PID, from a container

@@ -14,6 +14,7 @@ import (
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/containerd/v2/pkg/oci"
 	"github.com/containerd/errdefs"
+	specs "github.com/opencontainers/runtime-spec/specs-go"
 
 	"github.com/kubediskguard/kubediskguard/shared/realtest"
 )
@@ -28,6 +29,7 @@ type Containerd struct {
 	Client *client.Client
 
 	bin, config, runcRoot string
+	started               bool // Start has run before
 }
 
 // StartContainerd starts a private containerd as root, or stops the test
@@ -77,7 +79,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 		if d.running() {
 			d.removeContainers(t)
 		}
-		c.Close()
+		d.Client.Close()
 		d.stop(t)
 		d.cleanupHost(t)
 		if t.Failed() {
@@ -109,6 +111,16 @@ func (d *Containerd) Start(t testing.TB) time.Duration {
 		return err
 	})
 	t.Logf("containerd up in %s (pid %d)", took.Round(time.Millisecond), d.cmd.Process.Pid)
+	if d.Client != nil && d.started {
+		// A restart: a fresh client, for the same reason as above.
+		c, err := client.New(d.Socket)
+		if err != nil {
+			t.Fatal(err)
+		}
+		d.Client.Close()
+		d.Client = c
+	}
+	d.started = true
 	return took
 }
 
@@ -120,7 +132,7 @@ type Container struct {
 }
 
 // ContainerSpec says what container to make: labels, the cgroups path of
-// its OCI spec, and whether to start its task (busybox sleep).
+// its OCI spec, and whether to start its task.
 type ContainerSpec struct {
 	Namespace   string
 	ID          string
@@ -128,6 +140,11 @@ type ContainerSpec struct {
 	CgroupsPath string
 	Rootfs      string
 	Start       bool
+	// Args is its process (default: busybox sleep 3600).
+	Args []string
+	// Mounts are added to its OCI spec (such as a bind mount of a host
+	// directory).
+	Mounts []specs.Mount
 }
 
 // NewContainer makes a container as containerd's CRI plugin would,
@@ -135,12 +152,17 @@ type ContainerSpec struct {
 func (d *Containerd) NewContainer(t testing.TB, spec ContainerSpec) *Container {
 	t.Helper()
 	ctx := namespaces.WithNamespace(context.Background(), spec.Namespace)
+	args := spec.Args
+	if len(args) == 0 {
+		args = []string{"/bin/busybox", "sleep", "3600"}
+	}
 	c, err := d.Client.NewContainer(ctx, spec.ID,
 		client.WithRuntime("io.containerd.runc.v2", &options.Options{Root: d.runcRoot}),
 		client.WithNewSpec(
 			oci.WithRootFSPath(spec.Rootfs),
-			oci.WithProcessArgs("/bin/busybox", "sleep", "3600"),
+			oci.WithProcessArgs(args...),
 			oci.WithCgroup(spec.CgroupsPath),
+			oci.WithMounts(spec.Mounts),
 		),
 		client.WithContainerLabels(spec.Labels),
 	)

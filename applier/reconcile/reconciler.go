@@ -67,6 +67,7 @@ type Reconciler struct {
 	containers map[string]*tracked        // by container ID
 	byPod      map[string]map[string]bool // pod UID → container IDs
 	since      map[string]time.Time       // container ID → when its start event arrived
+	eventPID   map[string]int             // container ID → the PID its start event gave
 	invalid    map[string]string          // pod UID → annotation value already reported invalid
 
 	synced atomic.Bool // a full reconcile has completed
@@ -91,6 +92,7 @@ func New(cfg Config) *Reconciler {
 		containers: map[string]*tracked{},
 		byPod:      map[string]map[string]bool{},
 		since:      map[string]time.Time{},
+		eventPID:   map[string]int{},
 		invalid:    map[string]string{},
 	}
 }
@@ -170,6 +172,9 @@ func (r *Reconciler) handle(ev runtime.Event) {
 		r.mu.Lock()
 		if _, ok := r.since[ev.ContainerID]; !ok {
 			r.since[ev.ContainerID] = time.Now()
+		}
+		if ev.PID > 0 {
+			r.eventPID[ev.ContainerID] = ev.PID
 		}
 		// Inspect again: a restarted process may live in a new cgroup.
 		r.untrackLocked(ev.ContainerID)
@@ -274,9 +279,20 @@ func (r *Reconciler) kubepods() (string, error) {
 func (r *Reconciler) reconcileContainer(ctx context.Context, id string) error {
 	r.mu.Lock()
 	t := r.containers[id]
+	pid := r.eventPID[id]
+	delete(r.eventPID, id)
 	r.mu.Unlock()
 	if t == nil {
-		c, err := r.Runtime.Container(ctx, id)
+		var c runtime.Container
+		var err error
+		if pid > 0 {
+			// The start event gave the PID: skip asking containerd's shim,
+			// which is busy starting the task, and win the race with it.
+			c, err = r.Runtime.Identify(ctx, id)
+			c.PID = pid
+		} else {
+			c, err = r.Runtime.Container(ctx, id)
+		}
 		switch {
 		case errors.Is(err, runtime.ErrNotFound), errors.Is(err, runtime.ErrNotKubernetes):
 			r.forget(id)
@@ -399,6 +415,7 @@ func (r *Reconciler) forgetLocked(id string) {
 	}
 	r.untrackLocked(id)
 	delete(r.since, id)
+	delete(r.eventPID, id)
 }
 
 func (r *Reconciler) event(pod *corev1.Pod, kind, reason, format string, args ...any) {

@@ -30,12 +30,13 @@ type fakeRuntime struct {
 	mu         sync.Mutex
 	containers map[string]runtime.Container
 	events     chan runtime.Event
-	breaks     chan error // a value breaks the current Watch with that error
+	breaks     chan error    // a value breaks the current Watch with that error
+	broken     chan struct{} // signalled when a Watch returned because of breaks
 	watches    int
 }
 
 func newFakeRuntime() *fakeRuntime {
-	return &fakeRuntime{containers: map[string]runtime.Container{}, events: make(chan runtime.Event, 64), breaks: make(chan error, 1)}
+	return &fakeRuntime{containers: map[string]runtime.Container{}, events: make(chan runtime.Event, 64), breaks: make(chan error, 1), broken: make(chan struct{}, 1)}
 }
 
 func (f *fakeRuntime) Name() string { return "fake" }
@@ -66,6 +67,12 @@ func (f *fakeRuntime) Container(_ context.Context, id string) (runtime.Container
 	return c, nil
 }
 
+func (f *fakeRuntime) Identify(ctx context.Context, id string) (runtime.Container, error) {
+	c, err := f.Container(ctx, id)
+	c.PID = 0
+	return c, err
+}
+
 func (f *fakeRuntime) Watch(ctx context.Context, subscribed func(), handle func(runtime.Event)) error {
 	f.mu.Lock()
 	f.watches++
@@ -76,6 +83,7 @@ func (f *fakeRuntime) Watch(ctx context.Context, subscribed func(), handle func(
 		case <-ctx.Done():
 			return nil
 		case err := <-f.breaks:
+			f.broken <- struct{}{}
 			return err
 		case ev := <-f.events:
 			handle(ev)
@@ -279,8 +287,14 @@ func TestReconciler(t *testing.T) {
 	t.Run("reconnects after the event stream breaks and reconciles everything", func(t *testing.T) {
 		f := newFixture(t)
 		f.pods.set(pod("u1", limits.Resolved{"app": l100}))
+		for !f.r.Synced() { // the first full reconcile is done
+			time.Sleep(time.Millisecond)
+		}
 		f.rt.breaks <- errors.New("connection reset")
-		c := f.container("c1", "u1", "app", 10) // started while disconnected
+		<-f.rt.broken
+		// Started while disconnected (the reconnect waits at least 160 ms):
+		// no event will tell; only the reconnect's full reconcile can.
+		c := f.container("c1", "u1", "app", 10)
 		f.eventually(c.CgroupDir, l100)
 		f.rt.mu.Lock()
 		watches := f.rt.watches

@@ -95,6 +95,10 @@ type Runtime interface {
 	// Container inspects one container; ErrNotFound and
 	// ErrNotKubernetes are checkable with errors.Is.
 	Container(ctx context.Context, id string) (Container, error)
+	// Identify is Container without the PID, for when an event gave it:
+	// containerd answers it from its metadata store, without asking the
+	// task's shim, which is busy while it starts the task.
+	Identify(ctx context.Context, id string) (Container, error)
 	// Watch streams lifecycle events to handle, in order, until ctx is
 	// done (it returns nil) or the stream breaks (it returns why; the
 	// caller reconnects by calling Watch again). subscribed is called once

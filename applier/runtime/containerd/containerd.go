@@ -154,14 +154,7 @@ func (r *Runtime) List(ctx context.Context) ([]runtime.Container, error) {
 // Container returns the Kubernetes container id, with the PID of its task
 // when the task is running or paused.
 func (r *Runtime) Container(ctx context.Context, id string) (runtime.Container, error) {
-	rec, err := r.client.ContainerService().Get(ctx, id)
-	if errdefs.IsNotFound(err) {
-		return runtime.Container{}, fmt.Errorf("containerd container %s in namespace %s: %w", id, r.namespace, runtime.ErrNotFound)
-	}
-	if err != nil {
-		return runtime.Container{}, fmt.Errorf("containerd at %s: container %s: %w", r.socket, id, err)
-	}
-	c, err := r.container(rec)
+	c, err := r.Identify(ctx, id)
 	if err != nil {
 		return runtime.Container{}, err
 	}
@@ -175,6 +168,18 @@ func (r *Runtime) Container(ctx context.Context, id string) (runtime.Container, 
 		c.PID = int(resp.Process.GetPid())
 	}
 	return c, nil
+}
+
+// Identify implements runtime.Runtime: the container record only.
+func (r *Runtime) Identify(ctx context.Context, id string) (runtime.Container, error) {
+	rec, err := r.client.ContainerService().Get(ctx, id)
+	if errdefs.IsNotFound(err) {
+		return runtime.Container{}, fmt.Errorf("containerd container %s in namespace %s: %w", id, r.namespace, runtime.ErrNotFound)
+	}
+	if err != nil {
+		return runtime.Container{}, fmt.Errorf("containerd at %s: container %s: %w", r.socket, id, err)
+	}
+	return r.container(rec)
 }
 
 // alive reports whether a task in status s has its init process. A created

@@ -104,6 +104,11 @@ func (r *Runtime) List(ctx context.Context) ([]runtime.Container, error) {
 // Container inspects the Kubernetes container id (a full or unique
 // short ID, or a name); the result carries the full ID, and the PID of its
 // init process when it is running or paused.
+// Identify implements runtime.Runtime; an inspect gives the PID anyway.
+func (r *Runtime) Identify(ctx context.Context, id string) (runtime.Container, error) {
+	return r.Container(ctx, id)
+}
+
 func (r *Runtime) Container(ctx context.Context, id string) (runtime.Container, error) {
 	info, err := r.client.ContainerInspect(ctx, id)
 	if cerrdefs.IsNotFound(err) {

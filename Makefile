@@ -26,8 +26,8 @@ HOST_PACKAGES := containerd runc docker.io busybox-static fio
 
 ## build: the two binaries into bin/
 build:
-	$(GO) build -trimpath -o $(BIN)/kubediskguard-webhook ./webhook
-	$(GO) build -trimpath -o $(BIN)/kubediskguard-applier ./applier
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-s -w" -o $(BIN)/kubediskguard-webhook ./webhook
+	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-s -w" -o $(BIN)/kubediskguard-applier ./applier
 
 ## host-deps: install the Debian packages the tests need (as root), if missing
 host-deps:

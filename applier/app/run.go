@@ -14,16 +14,14 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/util/wait"
-	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/kubernetes/scheme"
-	typedcorev1 "k8s.io/client-go/kubernetes/typed/core/v1"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/record"
-	ctrl "sigs.k8s.io/controller-runtime"
+	logf "sigs.k8s.io/controller-runtime/pkg/log"
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
 
 	"github.com/kubediskguard/kubediskguard/applier/cgroup"
 	"github.com/kubediskguard/kubediskguard/applier/device"
+	"github.com/kubediskguard/kubediskguard/applier/kube"
 	"github.com/kubediskguard/kubediskguard/applier/pods"
 	"github.com/kubediskguard/kubediskguard/applier/reconcile"
 	"github.com/kubediskguard/kubediskguard/applier/runtime"
@@ -43,7 +41,7 @@ func (o *Options) Run(ctx context.Context, cfg *rest.Config) error { return Run(
 // not resolve, no block IO cgroup controller) fail at once; the runtime and
 // the API server are waited for and reconnected, never fatal.
 func Run(ctx context.Context, o *Options, cfg *rest.Config) error {
-	log := ctrl.LoggerFrom(ctx)
+	log := logf.FromContext(ctx)
 	resolver := device.Resolver{ProcRoot: o.ProcRoot}
 	devices, err := resolver.DataDevices(o.DataMount, o.DataDevices)
 	if err != nil {
@@ -56,9 +54,9 @@ func Run(ctx context.Context, o *Options, cfg *rest.Config) error {
 	if h.Version() == cgroup.V1 && o.DataTotalIOPS > 0 {
 		log.Info("cgroup v1: the kernel's blkio throttle is not hierarchical, so DATA_TOTAL_IOPS on the kubepods cgroup limits only processes directly in it, not the pods below; use cgroup v2 for a node-wide cap", "dataTotalIOPS", o.DataTotalIOPS)
 	}
-	cs, err := kubernetes.NewForConfig(cfg)
+	core, err := kube.NewCoreClient(cfg)
 	if err != nil {
-		return fmt.Errorf("creating the Kubernetes client: %w", err)
+		return err
 	}
 	log.Info("starting kubediskguard-applier", "node", o.NodeName, "devices", fmt.Sprint(devices),
 		"cgroupVersion", h.Version().String(), "cgroupRoot", o.CgroupRoot, "runtime", o.ContainerRuntime,
@@ -72,11 +70,11 @@ func Run(ctx context.Context, o *Options, cfg *rest.Config) error {
 	}
 
 	broadcaster := record.NewBroadcaster(record.WithContext(ctx))
-	broadcaster.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: cs.CoreV1().Events("")})
+	broadcaster.StartRecordingToSink(kube.EventSink{Client: core})
 	defer broadcaster.Shutdown()
-	recorder := broadcaster.NewRecorder(scheme.Scheme, corev1.EventSource{Component: "kubediskguard-applier", Host: o.NodeName})
+	recorder := broadcaster.NewRecorder(kube.Scheme, corev1.EventSource{Component: "kubediskguard-applier", Host: o.NodeName})
 
-	store := pods.NewStore(cs, o.NodeName)
+	store := pods.NewStore(core, o.NodeName)
 	var rec *reconcile.Reconciler // set once the runtime answers
 	var recMu sync.Mutex
 	if err := store.OnChange(func(uid string) {
@@ -139,7 +137,7 @@ func Run(ctx context.Context, o *Options, cfg *rest.Config) error {
 // connectRuntime connects to the container runtime, retrying with backoff
 // until it answers or ctx is done.
 func connectRuntime(ctx context.Context, o *Options, h *cgroup.Hierarchy) (runtime.Runtime, error) {
-	log := ctrl.LoggerFrom(ctx)
+	log := logf.FromContext(ctx)
 	var rt runtime.Runtime
 	backoff := wait.Backoff{Duration: time.Second, Factor: 2, Jitter: 0.1, Steps: 1 << 30, Cap: 30 * time.Second}
 	err := wait.ExponentialBackoffWithContext(ctx, backoff, func(ctx context.Context) (bool, error) {

@@ -9,7 +9,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
-	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/cache"
 
 	"github.com/kubediskguard/kubediskguard/shared/limits"
@@ -25,9 +25,10 @@ type Store struct {
 // NewStore watches the pods whose spec.nodeName is nodeName. Each pod is cut
 // down to its name, namespace, UID and resolved limits annotation before it
 // is stored, which keeps the applier's memory small on busy nodes.
-func NewStore(cs kubernetes.Interface, nodeName string) *Store {
+// core is a core/v1 REST client.
+func NewStore(core rest.Interface, nodeName string) *Store {
 	selector := fields.OneTermEqualSelector("spec.nodeName", nodeName).String()
-	lw := cache.NewFilteredListWatchFromClient(cs.CoreV1().RESTClient(), "pods", metav1.NamespaceAll,
+	lw := cache.NewFilteredListWatchFromClient(core, "pods", metav1.NamespaceAll,
 		func(o *metav1.ListOptions) { o.FieldSelector = selector })
 	inf := cache.NewSharedIndexInformer(lw, &corev1.Pod{}, 0, cache.Indexers{
 		byUID: func(obj any) ([]string, error) { return []string{string(obj.(*corev1.Pod).UID)}, nil },

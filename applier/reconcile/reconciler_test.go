@@ -328,7 +328,6 @@ func TestReconciler(t *testing.T) {
 	t.Run("uses the cgroup of the init process over the runtime's", func(t *testing.T) {
 		f := newFixture(t)
 		f.pods.set(pod("u1", limits.Resolved{"app": l500}))
-		c := f.container("c1", "u1", "app", 42)
 		real := f.h.Join("/kubepods/elsewhere/c1")
 		mkCgroup(t, real)
 		procDir := filepath.Join(f.r.ProcRoot, "42")
@@ -336,6 +335,7 @@ func TestReconciler(t *testing.T) {
 			t.Fatal(err)
 		}
 		writeFile(t, filepath.Join(procDir, "cgroup"), "0::/kubepods/elsewhere/c1\n")
+		c := f.container("c1", "u1", "app", 42)
 		f.rt.events <- runtime.Event{Kind: runtime.Started, ContainerID: "c1", PID: 42}
 		f.eventually(real, l500)
 		if got, _ := f.h.Read(c.CgroupDir); got[vda] != (limits.Limits{}) {

@@ -12,8 +12,10 @@ import (
 
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
-	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/client/config"
+	logf "sigs.k8s.io/controller-runtime/pkg/log"
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
+	"sigs.k8s.io/controller-runtime/pkg/manager/signals"
 )
 
 // Options are a binary's parsed options.
@@ -38,11 +40,11 @@ func Main[O Options](name string, parse func(args []string, lookupEnv func(strin
 		fmt.Fprintf(os.Stderr, "%s: %v\n", name, err)
 		os.Exit(2)
 	}
-	ctrl.SetLogger(zap.New(zap.UseFlagOptions(o.Logging())))
-	log := ctrl.Log.WithName(name)
+	logf.SetLogger(zap.New(zap.UseFlagOptions(o.Logging())))
+	log := logf.Log.WithName(name)
 	cfg, err := RESTConfig(o.KubeconfigPath())
 	if err == nil {
-		err = o.Run(ctrl.LoggerInto(ctrl.SetupSignalHandler(), log), cfg)
+		err = o.Run(logf.IntoContext(signals.SetupSignalHandler(), log), cfg)
 	}
 	if err != nil {
 		log.Error(err, "exiting")
@@ -60,7 +62,7 @@ func RESTConfig(kubeconfig string) (*rest.Config, error) {
 		}
 		return cfg, nil
 	}
-	cfg, err := ctrl.GetConfig()
+	cfg, err := config.GetConfig()
 	if err != nil {
 		return nil, fmt.Errorf("finding the cluster (set --kubeconfig): %w", err)
 	}

@@ -24,7 +24,6 @@ import (
 	"github.com/containerd/errdefs"
 	"github.com/containerd/errdefs/pkg/errgrpc"
 	"github.com/containerd/typeurl/v2"
-	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"google.golang.org/protobuf/types/known/emptypb"
 
 	"github.com/kubediskguard/kubediskguard/applier/cgroup"
@@ -208,8 +207,14 @@ func (r *Runtime) container(rec containers.Container) (runtime.Container, error)
 	if rec.Spec == nil {
 		return c, nil
 	}
-	// The spec is JSON, whatever the type URL of its version says.
-	var spec specs.Spec
+	// The spec is JSON, whatever the type URL of its version says. Only
+	// its cgroups path is read: decoding whole specs of every container at
+	// each full reconcile would be garbage for nothing.
+	var spec struct {
+		Linux *struct {
+			CgroupsPath string `json:"cgroupsPath"`
+		} `json:"linux"`
+	}
 	if err := json.Unmarshal(rec.Spec.GetValue(), &spec); err != nil {
 		return runtime.Container{}, fmt.Errorf("containerd container %s: decoding its OCI spec: %w", rec.ID, err)
 	}

@@ -26,7 +26,6 @@ import (
 
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
-	"go.uber.org/zap/zapcore"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -36,7 +35,6 @@ import (
 	"k8s.io/utils/ptr"
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
 	ctrllog "sigs.k8s.io/controller-runtime/pkg/log"
-	"sigs.k8s.io/controller-runtime/pkg/log/zap"
 
 	"github.com/kubediskguard/kubediskguard/applier/app"
 	"github.com/kubediskguard/kubediskguard/applier/cgroup"
@@ -81,12 +79,7 @@ func controlPlane(t testing.TB) *plane {
 		t.Skip("integration test: needs a real kube-apiserver, containerd and the kernel's blkio throttle (run without -short)")
 	}
 	realtest.Root(t)
-	assets := os.Getenv("KUBEBUILDER_ASSETS")
-	for _, bin := range []string{"kube-apiserver", "etcd"} {
-		if _, err := os.Stat(filepath.Join(assets, bin)); assets == "" || err != nil {
-			realtest.Missing(t, "kube-apiserver and etcd in $KUBEBUILDER_ASSETS", "make test-bins, or make test")
-		}
-	}
+	assets := realtest.KubeAssets(t, "kube-apiserver", "etcd")
 	planeOnce.Do(func() { shared, planeErr = startPlane(assets) })
 	if planeErr != nil {
 		t.Fatalf("starting the control plane: %v", planeErr)
@@ -95,12 +88,7 @@ func controlPlane(t testing.TB) *plane {
 }
 
 func startPlane(assets string) (*plane, error) {
-	level := zapcore.Level(1) // errors only
-	if os.Getenv("KDG_TEST_VERBOSE") != "" {
-		level = -1
-	}
-	ctrllog.SetLogger(zap.New(zap.WriteTo(os.Stderr), zap.UseDevMode(true), zap.Level(level),
-		zap.StacktraceLevel(zapcore.PanicLevel)))
+	realtest.Log()
 	p := &plane{env: &envtest.Environment{BinaryAssetsDirectory: assets}}
 	cfg, err := p.env.Start()
 	if err != nil {

@@ -20,7 +20,6 @@ import (
 	"testing"
 	"time"
 
-	"go.uber.org/zap/zapcore"
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -28,8 +27,6 @@ import (
 	"k8s.io/client-go/rest"
 	"k8s.io/utils/ptr"
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
-	logf "sigs.k8s.io/controller-runtime/pkg/log"
-	"sigs.k8s.io/controller-runtime/pkg/log/zap"
 
 	"github.com/kubediskguard/kubediskguard/shared/limits"
 	"github.com/kubediskguard/kubediskguard/shared/realtest"
@@ -75,12 +72,7 @@ func controlPlane(t *testing.T) *plane {
 	if testing.Short() {
 		t.Skip("integration test: needs a real kube-apiserver (run without -short)")
 	}
-	assets := os.Getenv("KUBEBUILDER_ASSETS")
-	for _, bin := range []string{"kube-apiserver", "etcd"} {
-		if _, err := os.Stat(filepath.Join(assets, bin)); assets == "" || err != nil {
-			realtest.Missing(t, "kube-apiserver and etcd in $KUBEBUILDER_ASSETS", "make test-bins, or make test")
-		}
-	}
+	assets := realtest.KubeAssets(t, "kube-apiserver", "etcd")
 	setupOnce.Do(func() { shared, setupErr = start(assets) })
 	if setupErr != nil {
 		t.Fatalf("starting the control plane and the webhook: %v", setupErr)
@@ -89,7 +81,7 @@ func controlPlane(t *testing.T) *plane {
 }
 
 func start(assets string) (*plane, error) {
-	logf.SetLogger(zap.New(zap.WriteTo(os.Stderr), zap.UseDevMode(true), zap.Level(zapLevel())))
+	realtest.Log()
 	p := &plane{assets: assets, done: make(chan error, 1)}
 	p.env = &envtest.Environment{
 		BinaryAssetsDirectory: assets,
@@ -157,13 +149,6 @@ func start(assets string) (*plane, error) {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-}
-
-func zapLevel() zapcore.Level {
-	if os.Getenv("KDG_TEST_VERBOSE") != "" {
-		return -1
-	}
-	return 1 // errors only
 }
 
 func freeAddr() (string, error) {

@@ -17,7 +17,7 @@ VM_DIR       ?= $(CACHE)/vm
 export KUBEBUILDER_ASSETS := $(TEST_BIN_DIR)
 export KDG_VM_DIR := $(VM_DIR)
 
-.PHONY: build test unit-test lint bench bench-load test-bins vm-kernel host-deps fuzz demo clean
+.PHONY: build test unit-test lint bench bench-load bench-applier test-bins vm-kernel host-deps fuzz demo clean
 
 # Debian packages the real-component tests use: containerd and runc (the
 # containerd runtime tests), docker.io (dockerd, for the Docker runtime tests),
@@ -64,11 +64,15 @@ lint:
 
 ## bench: micro-benchmarks of the hot paths (see BENCHMARKS.md)
 bench:
-	$(GO) test -run '^$$' -bench . -benchmem -count 5 ./shared/... ./webhook/...
+	$(GO) test -run '^$$' -bench 'Handle|Resolve' -benchmem -count 5 ./webhook/...
 
 ## bench-load: 1,000 requests/s for 30 s over TLS, real handler vs no-op (see BENCHMARKS.md)
 bench-load:
-	$(GO) test -run '^$$' -bench BenchmarkLoad -benchtime 1x -timeout 10m ./webhook/app/
+	$(GO) test -run '^$$' -bench BenchmarkLoad -benchtime 1x -timeout 10m ./webhook/mutate/
+
+## bench-applier: reaction to 100 container starts and startup with 200 containers on real containerd (root)
+bench-applier: host-deps test-bins
+	$(GO) test -run '^$$' -bench . -benchtime 1x -v -timeout 15m ./applier/app/
 
 ## fuzz: run each fuzz target for FUZZTIME (default 30s)
 FUZZTIME ?= 30s

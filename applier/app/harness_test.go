@@ -9,8 +9,6 @@ package app_test
 import (
 	"bufio"
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -117,7 +115,7 @@ func startPlane(assets string) (*plane, error) {
 // namespace creates a namespace for the test and deletes it at the end.
 func (p *plane) namespace(t testing.TB) string {
 	t.Helper()
-	ns := "t-" + randomHex(t, 5)
+	ns := "t-" + runtimetest.RandomHex(t, 5)
 	if _, err := p.cs.CoreV1().Namespaces().Create(context.Background(),
 		&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
@@ -307,15 +305,6 @@ func freeAddr(t testing.TB) string {
 	return l.Addr().String()
 }
 
-func randomHex(t testing.TB, n int) string {
-	t.Helper()
-	b := make([]byte, n)
-	if _, err := rand.Read(b); err != nil {
-		t.Fatal(err)
-	}
-	return hex.EncodeToString(b)
-}
-
 // disk is the data disk of the tests: a directory on the root filesystem,
 // with files made outside any throttled cgroup, and the whole disk that
 // holds it.
@@ -496,7 +485,7 @@ type ctrContainer struct {
 // as the kubelet would, running args with the data disk at /data.
 func run(t testing.TB, d *runtimetest.Containerd, dk *disk, rootfs string, p kpod, name string, args []string, start bool) ctrContainer {
 	t.Helper()
-	id := randomHex(t, 32)
+	id := runtimetest.RandomHex(t, 32)
 	c := d.NewContainer(t, runtimetest.ContainerSpec{
 		Namespace: "k8s.io", ID: id, Labels: p.criLabels(name),
 		CgroupsPath: p.cgroup + "/" + id, Rootfs: rootfs, Start: start,

@@ -2,10 +2,7 @@ package containerd_test
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"errors"
-	"fmt"
 	"reflect"
 	"syscall"
 	"testing"
@@ -29,8 +26,7 @@ type pod struct {
 }
 
 func newPod(t *testing.T, d *runtimetest.Containerd) pod {
-	uid := randomHex(t, 16)
-	uid = fmt.Sprintf("%s-%s-%s-%s-%s", uid[:8], uid[8:12], uid[12:16], uid[16:20], uid[20:])
+	uid := runtimetest.PodUID(t)
 	p := pod{uid: uid, cgroup: "/kubepods/besteffort/pod" + uid}
 	d.CleanupCgroups(t, p.cgroup)
 	return p
@@ -49,14 +45,6 @@ func (p pod) labels(kind, name string) map[string]string {
 		l[runtime.LabelContainerName] = name
 	}
 	return l
-}
-
-func randomHex(t *testing.T, n int) string {
-	b := make([]byte, n)
-	if _, err := rand.Read(b); err != nil {
-		t.Fatal(err)
-	}
-	return hex.EncodeToString(b)
 }
 
 func newRuntime(t *testing.T, d *runtimetest.Containerd, h *cgroup.Hierarchy) *containerd.Runtime {
@@ -79,28 +67,28 @@ func TestRealListAndContainer(t *testing.T) {
 	h := runtimetest.Hierarchy(t)
 	rootfs := runtimetest.Rootfs(t, d.Dir())
 	p := newPod(t, d)
-	stray := "/kubediskguard-test-" + randomHex(t, 6)
+	stray := "/kubediskguard-test-" + runtimetest.RandomHex(t, 6)
 	d.CleanupCgroups(t, stray)
 
 	ns := containerd.DefaultNamespace
 	app := d.NewContainer(t, runtimetest.ContainerSpec{
-		Namespace: ns, ID: randomHex(t, 32), Labels: p.labels("container", "app"),
+		Namespace: ns, ID: runtimetest.RandomHex(t, 32), Labels: p.labels("container", "app"),
 		CgroupsPath: p.cgroup + "/" + "app", Rootfs: rootfs, Start: true,
 	})
 	sandbox := d.NewContainer(t, runtimetest.ContainerSpec{
-		Namespace: ns, ID: randomHex(t, 32), Labels: p.labels("sandbox", ""),
+		Namespace: ns, ID: runtimetest.RandomHex(t, 32), Labels: p.labels("sandbox", ""),
 		CgroupsPath: p.cgroup + "/sandbox", Rootfs: rootfs, Start: true,
 	})
 	plain := d.NewContainer(t, runtimetest.ContainerSpec{
-		Namespace: ns, ID: randomHex(t, 32),
+		Namespace: ns, ID: runtimetest.RandomHex(t, 32),
 		CgroupsPath: stray + "/plain", Rootfs: rootfs, Start: true,
 	})
 	created := d.NewContainer(t, runtimetest.ContainerSpec{
-		Namespace: ns, ID: randomHex(t, 32), Labels: p.labels("container", "init"),
+		Namespace: ns, ID: runtimetest.RandomHex(t, 32), Labels: p.labels("container", "init"),
 		CgroupsPath: p.cgroup + "/init", Rootfs: rootfs,
 	})
 	elsewhere := d.NewContainer(t, runtimetest.ContainerSpec{
-		Namespace: "elsewhere", ID: randomHex(t, 32), Labels: p.labels("container", "other"),
+		Namespace: "elsewhere", ID: runtimetest.RandomHex(t, 32), Labels: p.labels("container", "other"),
 		CgroupsPath: p.cgroup + "/elsewhere", Rootfs: rootfs, Start: true,
 	})
 
@@ -149,7 +137,7 @@ func TestRealListAndContainer(t *testing.T) {
 		"sandbox":                        {sandbox.ID(), runtime.ErrNotKubernetes},
 		"container without CRI labels":   {plain.ID(), runtime.ErrNotKubernetes},
 		"container in another namespace": {elsewhere.ID(), runtime.ErrNotFound},
-		"unknown container":              {randomHex(t, 32), runtime.ErrNotFound},
+		"unknown container":              {runtimetest.RandomHex(t, 32), runtime.ErrNotFound},
 	} {
 		if _, err := rt.Container(ctx, tc.id); !errors.Is(err, tc.want) {
 			t.Errorf("Container(%s) error = %v, want %v", name, err, tc.want)
@@ -198,7 +186,7 @@ func TestRealWatch(t *testing.T) {
 
 	// A container in another namespace makes no event.
 	other := d.NewContainer(t, runtimetest.ContainerSpec{
-		Namespace: "elsewhere", ID: randomHex(t, 32), Labels: p.labels("container", "other"),
+		Namespace: "elsewhere", ID: runtimetest.RandomHex(t, 32), Labels: p.labels("container", "other"),
 		CgroupsPath: p.cgroup + "/other", Rootfs: rootfs,
 	})
 	if err := other.Delete(namespaces.WithNamespace(ctx, "elsewhere")); err != nil {
@@ -214,7 +202,7 @@ func TestRealWatch(t *testing.T) {
 	}{
 		{"create container", func() {
 			c = d.NewContainer(t, runtimetest.ContainerSpec{
-				Namespace: containerd.DefaultNamespace, ID: randomHex(t, 32), Labels: p.labels("container", "app"),
+				Namespace: containerd.DefaultNamespace, ID: runtimetest.RandomHex(t, 32), Labels: p.labels("container", "app"),
 				CgroupsPath: p.cgroup + "/app", Rootfs: rootfs,
 			})
 		}, []runtime.EventKind{runtime.Created}},
@@ -345,7 +333,7 @@ func TestRealWatchReconnect(t *testing.T) {
 	t.Logf("Watch subscribed again %s after containerd answered, at attempt %d", time.Since(restarted).Round(time.Millisecond), attempts)
 
 	c := d.NewContainer(t, runtimetest.ContainerSpec{
-		Namespace: containerd.DefaultNamespace, ID: randomHex(t, 32), Labels: p.labels("container", "app"),
+		Namespace: containerd.DefaultNamespace, ID: runtimetest.RandomHex(t, 32), Labels: p.labels("container", "app"),
 		CgroupsPath: p.cgroup + "/app", Rootfs: rootfs,
 	})
 	if ev := w.Next(t, eventTimeout); ev.Kind != runtime.Created || ev.ContainerID != c.ID() {

@@ -2,10 +2,7 @@ package docker_test
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"errors"
-	"fmt"
 	"reflect"
 	"testing"
 	"time"
@@ -27,12 +24,7 @@ type pod struct {
 }
 
 func newPod(t *testing.T, d *runtimetest.Dockerd) pod {
-	b := make([]byte, 16)
-	if _, err := rand.Read(b); err != nil {
-		t.Fatal(err)
-	}
-	uid := hex.EncodeToString(b)
-	uid = fmt.Sprintf("%s-%s-%s-%s-%s", uid[:8], uid[8:12], uid[12:16], uid[16:20], uid[20:])
+	uid := runtimetest.PodUID(t)
 	p := pod{uid: uid, cgroup: "/kubepods/besteffort/pod" + uid}
 	d.CleanupCgroups(t, p.cgroup)
 	return p

@@ -51,6 +51,9 @@ func Run(ctx context.Context, o *Options, cfg *rest.Config) error {
 	if err != nil {
 		return fmt.Errorf("opening the cgroup hierarchy (--cgroup-root %q, --cgroup-version %v): %w", o.CgroupRoot, o.CgroupVersion, err)
 	}
+	if err := h.CheckNamespace(o.ProcRoot); err != nil {
+		return fmt.Errorf("checking the cgroup namespace (--proc-root %q): %w", o.ProcRoot, err)
+	}
 	if h.Version() == cgroup.V1 && o.DataTotalIOPS > 0 {
 		log.Info("cgroup v1: the kernel's blkio throttle is not hierarchical, so DATA_TOTAL_IOPS on the kubepods cgroup limits only processes directly in it, not the pods below; use cgroup v2 for a node-wide cap", "dataTotalIOPS", o.DataTotalIOPS)
 	}

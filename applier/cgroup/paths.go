@@ -6,6 +6,7 @@ import (
 	"os"
 	"path"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 )
@@ -67,6 +68,21 @@ func (h *Hierarchy) ProcessDir(procRoot string, pid int) (string, error) {
 	return h.Join(p), nil
 }
 
+// ErrCgroupNamespace means the applier runs in a cgroup namespace of its
+// own, where other processes' cgroup paths are relative to it ("/../..");
+// it must run in the host's cgroup namespace (a privileged container).
+var ErrCgroupNamespace = errors.New("not in the host's cgroup namespace")
+
+// CheckNamespace verifies, from the cgroup of the host's init process
+// (<procRoot>/1/cgroup), that the applier sees cgroup paths as the host does.
+func (h *Hierarchy) CheckNamespace(procRoot string) error {
+	_, err := h.ProcessDir(procRoot, 1)
+	if errors.Is(err, ErrCgroupNamespace) {
+		return fmt.Errorf("%w: run the applier privileged (host cgroup namespace) with the host's /proc at --proc-root", err)
+	}
+	return nil // other errors (no host /proc yet) show up per container
+}
+
 // ParseProcCgroup returns a process's cgroup path for version v from the
 // contents of /proc/<pid>/cgroup: the path of the line whose controllers
 // include blkio on v1 ("7:blkio:/kubepods/..."), of the "0::" line on v2.
@@ -99,6 +115,9 @@ func ParseProcCgroup(content string, v Version) (string, error) {
 		}
 		if !strings.HasPrefix(p, "/") {
 			return "", fmt.Errorf("cgroup path %q is not absolute", p)
+		}
+		if slices.Contains(strings.Split(p, "/"), "..") {
+			return "", fmt.Errorf("%w: the process's cgroup %q lies outside the reader's cgroup namespace", ErrCgroupNamespace, p)
 		}
 		return p, nil
 	}

@@ -381,3 +381,33 @@ func TestFindKubepods(t *testing.T) {
 		t.Errorf("KubepodsOf the kubepods cgroup itself = %s, %v", kp, err)
 	}
 }
+
+func TestProcessPathsOutsideTheCgroupNamespaceAreRefused(t *testing.T) {
+	for name, content := range map[string]string{
+		"a v2 path above the namespace root": "0::/../../kubepods/besteffort/pod1/c1\n",
+		"a v1 path above the namespace root": "5:blkio:/../kubepods/c1\n",
+	} {
+		t.Run(name, func(t *testing.T) {
+			v := V2
+			if strings.Contains(content, "blkio") {
+				v = V1
+			}
+			if _, err := ParseProcCgroup(content, v); !errors.Is(err, ErrCgroupNamespace) {
+				t.Fatalf("err = %v, want ErrCgroupNamespace", err)
+			}
+		})
+	}
+	h, err := Open(newRoot(t, "v2"), Auto)
+	if err != nil {
+		t.Fatal(err)
+	}
+	proc := t.TempDir()
+	write(t, filepath.Join(proc, "1", "cgroup"), "0::/../..\n")
+	if err := h.CheckNamespace(proc); !errors.Is(err, ErrCgroupNamespace) {
+		t.Fatalf("CheckNamespace = %v, want ErrCgroupNamespace", err)
+	}
+	write(t, filepath.Join(proc, "1", "cgroup"), "0::/init.scope\n")
+	if err := h.CheckNamespace(proc); err != nil {
+		t.Fatalf("CheckNamespace in the host namespace = %v", err)
+	}
+}

@@ -89,3 +89,11 @@ demo:
 
 clean:
 	rm -rf $(BIN)
+
+## certs: a CA and a serving certificate for the webhook Service, for clusters
+## without cert-manager: tls.crt, tls.key, ca.crt and a copy of the webhook
+## configuration with caBundle set, in CERTS_DIR (see README.md, "Deploying")
+CERTS_DIR ?= $(CACHE)/certs
+.PHONY: certs
+certs:
+	$(GO) run ./certs --out $(CERTS_DIR) --patch-manifest manifests/webhook/mutatingwebhookconfiguration.yaml

@@ -21,8 +21,9 @@ export KDG_VM_DIR := $(VM_DIR)
 
 # Debian packages the real-component tests use: containerd and runc (the
 # containerd runtime tests), docker.io (dockerd, for the Docker runtime tests),
-# busybox-static (the containers' root filesystem), fio (IO measurements).
-HOST_PACKAGES := containerd runc docker.io busybox-static fio
+# busybox-static (the containers' root filesystem), fio (IO measurements),
+# containernetworking-plugins (the local cluster's pod network).
+HOST_PACKAGES := containerd runc docker.io busybox-static fio containernetworking-plugins
 
 ## build: the two binaries into bin/
 build:

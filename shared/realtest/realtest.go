@@ -6,7 +6,9 @@ package realtest
 
 import (
 	"os"
+	"syscall"
 	"testing"
+	"time"
 )
 
 // InCI reports whether the tests run in CI, where nothing may be skipped.
@@ -28,4 +30,28 @@ func Root(t testing.TB) {
 	if os.Geteuid() != 0 {
 		Missing(t, "the test must run as root", "sudo make test")
 	}
+}
+
+// hostLockPath is the lock that keeps tests of different packages, which
+// go test runs in parallel, from using the host's shared resources at once:
+// container runtimes, the kubepods cgroups, a kubelet.
+const hostLockPath = "/tmp/kubediskguard-host.lock"
+
+// HostLock waits until no other test holds the host lock, and holds it
+// until the test ends.
+func HostLock(t testing.TB) {
+	t.Helper()
+	f, err := os.OpenFile(hostLockPath, os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil {
+		f.Close()
+		t.Fatalf("locking %s: %v", hostLockPath, err)
+	}
+	if d := time.Since(start); d > time.Second {
+		t.Logf("waited %s for other tests using the host's runtimes and cgroups", d.Round(time.Millisecond))
+	}
+	t.Cleanup(func() { f.Close() })
 }

@@ -45,30 +45,6 @@ const (
 	stopTimeout  = 15 * time.Second
 )
 
-// lockPath is the lock that keeps the real runtime tests of different
-// packages, which go test runs in parallel, from running daemons at once.
-const lockPath = "/tmp/kubediskguard-runtimetest.lock"
-
-// Lock waits until no other test of these packages runs daemons, and
-// holds that until the test ends. It is taken by StartContainerd and
-// StartDockerd; a test that starts both takes it once.
-func Lock(t testing.TB) {
-	t.Helper()
-	f, err := os.OpenFile(lockPath, os.O_CREATE|os.O_RDWR, 0o600)
-	if err != nil {
-		t.Fatal(err)
-	}
-	start := time.Now()
-	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil {
-		f.Close()
-		t.Fatalf("locking %s: %v", lockPath, err)
-	}
-	if d := time.Since(start); d > time.Second {
-		t.Logf("waited %s for other real runtime tests", d.Round(time.Millisecond))
-	}
-	t.Cleanup(func() { f.Close() })
-}
-
 // locked records the tests that hold the lock, so that a test that starts
 // two daemons does not wait for itself.
 var (
@@ -85,7 +61,7 @@ func lockOnce(t testing.TB) {
 	if held {
 		return
 	}
-	Lock(t)
+	realtest.HostLock(t)
 	t.Cleanup(func() {
 		lockedMu.Lock()
 		delete(locked, t)

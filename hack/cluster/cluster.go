@@ -1,0 +1,658 @@
+// Package cluster runs a real single-node Kubernetes on this machine for
+// `make demo` and the end-to-end test: etcd, kube-apiserver, containerd with
+// its CRI plugin (runc), and the kubelet, all as child processes with their
+// files in one state dir, plus a PKI made at start and images built locally
+// (no registry). Teardown stops everything by PID and undoes the host changes
+// the kubelet and containerd make outside the state dir (sysctls, cgroups,
+// mounts, a few fixed paths). See hack/cluster/README.md.
+//
+// Entry point for people: go run ./hack/cluster/cmd up|down|smoke.
+package cluster
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/clientcmd"
+)
+
+// Config says where the cluster lives and which binaries it runs. Zero
+// values take the defaults (see withDefaults).
+type Config struct {
+	Dir      string // state dir: PKI, configs, data, logs, state.json; default /tmp/kdg-cluster
+	BinDir   string // etcd, kube-apiserver, kubelet, kubectl; default $KUBEBUILDER_ASSETS
+	NodeName string // default kdg-node
+
+	EtcdPort, EtcdPeerPort, APIServerPort, KubeletPort, KubeletHealthzPort int
+
+	Containerd string // default containerd from $PATH
+	Ctr        string // default ctr from $PATH
+	Busybox    string // a static busybox for the images; default /bin/busybox
+	CNIBinDir  string // default /usr/lib/cni (Debian's containernetworking-plugins)
+
+	// PodNetwork gives pods their own network namespace on a host bridge
+	// (PodBridge, 10.244.0.0/24, no gateway, no masquerade, no forwarding).
+	// Off by default: the CNI config is then loopback-only, which makes the
+	// node Ready but only hostNetwork pods start (containerd 1.6 wants an
+	// eth0 in the sandbox), and the host gets no bridge.
+	PodNetwork bool
+
+	Log io.Writer // progress lines; default os.Stderr
+}
+
+func (c *Config) withDefaults() error {
+	if c.Dir == "" {
+		c.Dir = "/tmp/kdg-cluster"
+	}
+	abs, err := filepath.Abs(c.Dir)
+	if err != nil {
+		return err
+	}
+	c.Dir = abs
+	if c.BinDir == "" {
+		c.BinDir = os.Getenv("KUBEBUILDER_ASSETS")
+	}
+	if c.NodeName == "" {
+		c.NodeName = "kdg-node"
+	}
+	def := func(p *int, v int) {
+		if *p == 0 {
+			*p = v
+		}
+	}
+	def(&c.EtcdPort, 23790)
+	def(&c.EtcdPeerPort, 23800)
+	def(&c.APIServerPort, 26443)
+	def(&c.KubeletPort, 21250)
+	def(&c.KubeletHealthzPort, 21248)
+	look := func(p *string, name string) {
+		if *p == "" {
+			if f, err := exec.LookPath(name); err == nil {
+				*p = f
+			} else {
+				*p = name
+			}
+		}
+	}
+	look(&c.Containerd, "containerd")
+	look(&c.Ctr, "ctr")
+	if c.Busybox == "" {
+		c.Busybox = "/bin/busybox"
+	}
+	if c.CNIBinDir == "" {
+		c.CNIBinDir = "/usr/lib/cni"
+	}
+	if c.Log == nil {
+		c.Log = os.Stderr
+	}
+	return nil
+}
+
+// Missing lists what the machine lacks to run the cluster, with how to get
+// it; empty means ready.
+func (c Config) Missing() []string {
+	if err := c.withDefaults(); err != nil {
+		return []string{err.Error()}
+	}
+	var out []string
+	if c.BinDir == "" {
+		out = append(out, "the pinned Kubernetes binaries: set KUBEBUILDER_ASSETS (make test-bins)")
+	}
+	for _, b := range []string{"etcd", "kube-apiserver", "kubelet", "kubectl"} {
+		if c.BinDir != "" {
+			if _, err := os.Stat(filepath.Join(c.BinDir, b)); err != nil {
+				out = append(out, b+" in "+c.BinDir+" (make test-bins)")
+			}
+		}
+	}
+	for _, p := range []struct{ path, how string }{
+		{c.Containerd, "apt-get install containerd"},
+		{c.Ctr, "apt-get install containerd"},
+		{"runc", "apt-get install runc"},
+		{c.Busybox, "apt-get install busybox-static"},
+		{filepath.Join(c.CNIBinDir, "loopback"), "apt-get install containernetworking-plugins"},
+	} {
+		if _, err := exec.LookPath(p.path); err != nil {
+			out = append(out, p.path+" ("+p.how+")")
+		}
+	}
+	if os.Geteuid() != 0 {
+		out = append(out, "root (the kubelet and containerd need it)")
+	}
+	return out
+}
+
+// Proc is a process the harness started. StartTime (from /proc/PID/stat)
+// makes sure `down` never signals a recycled PID.
+type Proc struct {
+	Name      string `json:"name"`
+	PID       int    `json:"pid"`
+	StartTime string `json:"startTime"`
+}
+
+// State is saved as DIR/state.json as soon as anything is started, so that
+// `down` can tear down after the `up` process died.
+type State struct {
+	ContainerdAddress  string     `json:"containerdAddress"`
+	ContainerdStateDir string     `json:"containerdStateDir"`
+	Kubeconfig         string     `json:"kubeconfig"`
+	PodBridge          string     `json:"podBridge,omitempty"` // the bridge interface to delete at teardown
+	Procs              []Proc     `json:"procs"`
+	Host               *HostState `json:"host"`
+}
+
+// Cluster is a running cluster.
+type Cluster struct {
+	Config
+	State
+	Client  *kubernetes.Clientset
+	Timings []Timing
+}
+
+// Timing is how long a step of Up took.
+type Timing struct {
+	Step string
+	Took time.Duration
+}
+
+func stateFile(dir string) string { return filepath.Join(dir, "state.json") }
+
+func (c *Cluster) save() error {
+	b, err := json.MarshalIndent(c.State, "", "  ")
+	if err != nil {
+		return err
+	}
+	tmp := stateFile(c.Dir) + ".tmp"
+	if err := os.WriteFile(tmp, b, 0o600); err != nil {
+		return err
+	}
+	return os.Rename(tmp, stateFile(c.Dir))
+}
+
+func (c *Cluster) logf(format string, args ...any) {
+	fmt.Fprintf(c.Log, "cluster: "+format+"\n", args...)
+}
+
+func (c *Cluster) path(parts ...string) string {
+	return filepath.Join(append([]string{c.Dir}, parts...)...)
+}
+
+// Up starts the cluster and returns when the Node is Ready. On failure (or
+// when ctx ends) it tears down what it started before returning the error.
+func Up(ctx context.Context, cfg Config) (_ *Cluster, err error) {
+	if err := cfg.withDefaults(); err != nil {
+		return nil, err
+	}
+	if m := cfg.Missing(); len(m) > 0 {
+		return nil, fmt.Errorf("missing: %s", strings.Join(m, "; "))
+	}
+	if _, err := os.Stat(stateFile(cfg.Dir)); err == nil {
+		return nil, fmt.Errorf("%s exists: a cluster is up or was not torn down; run `go run ./hack/cluster/cmd down -dir %s`", stateFile(cfg.Dir), cfg.Dir)
+	}
+	if pids := pidsNamed("kubelet"); len(pids) > 0 {
+		return nil, fmt.Errorf("a kubelet already runs on this machine (pid %v); two kubelets collide", pids)
+	}
+	for _, p := range []int{cfg.EtcdPort, cfg.EtcdPeerPort, cfg.APIServerPort, cfg.KubeletPort, cfg.KubeletHealthzPort} {
+		l, err := net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(p))
+		if err != nil {
+			return nil, fmt.Errorf("port %d is taken: %w", p, err)
+		}
+		l.Close()
+	}
+	// No state.json: whatever is left in the dir is from a finished run
+	// (logs) or a teardown that stopped half-way; start from scratch.
+	if m := MountsUnder(cfg.Dir); len(m) > 0 {
+		return nil, fmt.Errorf("mounts left under %s (%v): run `go run ./hack/cluster/cmd down -dir %s` or unmount them", cfg.Dir, m, cfg.Dir)
+	}
+	if err := clearStateDir(cfg.Dir); err != nil {
+		return nil, err
+	}
+	c := &Cluster{Config: cfg}
+	c.State.ContainerdAddress = c.path("containerd", "containerd.sock")
+	c.State.ContainerdStateDir = c.path("containerd", "state")
+	c.State.Kubeconfig = c.path("admin.kubeconfig")
+	if err := os.MkdirAll(c.path("logs"), 0o755); err != nil {
+		return nil, err
+	}
+	host, err := snapshotHost()
+	if err != nil {
+		return nil, err
+	}
+	c.State.Host = host
+	if err := c.save(); err != nil {
+		return nil, err
+	}
+	defer func() {
+		if err != nil {
+			c.logf("up failed: %v; tearing down (logs in %s)", err, c.path("logs"))
+			if derr := Down(c.Dir, c.Log); derr != nil {
+				err = errors.Join(err, fmt.Errorf("teardown: %w", derr))
+			}
+		}
+	}()
+	steps := []struct {
+		name string
+		fn   func(context.Context) error
+	}{
+		{"pki", c.writePKI},
+		{"images", c.buildImages},
+		{"etcd", c.startEtcd},
+		{"kube-apiserver", c.startAPIServer},
+		{"containerd", c.startContainerd},
+		{"kubelet", c.startKubelet},
+	}
+	total := time.Now()
+	for _, s := range steps {
+		t := time.Now()
+		if err := s.fn(ctx); err != nil {
+			return nil, fmt.Errorf("%s: %w", s.name, err)
+		}
+		c.Timings = append(c.Timings, Timing{s.name, time.Since(t)})
+		c.logf("%s ready in %s", s.name, time.Since(t).Round(time.Millisecond))
+	}
+	c.logf("node %s Ready; cluster up in %s (kubeconfig %s)", c.NodeName, time.Since(total).Round(time.Millisecond), c.Kubeconfig)
+	return c, nil
+}
+
+// start runs a component in its own process group (a Ctrl-C on the
+// terminal reaches the harness, which then stops it in order), logging to
+// DIR/logs/NAME.log, and records it in the state file.
+func (c *Cluster) start(name, bin string, args ...string) (*exec.Cmd, error) {
+	logf, err := os.OpenFile(c.path("logs", name+".log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		return nil, err
+	}
+	defer logf.Close()
+	cmd := exec.Command(bin, args...)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.Dir = c.Dir
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		return nil, err
+	}
+	c.Procs = append(c.Procs, Proc{Name: name, PID: cmd.Process.Pid, StartTime: procStartTime(cmd.Process.Pid)})
+	if err := c.save(); err != nil {
+		return nil, err
+	}
+	go cmd.Wait() // reap; liveness is checked through /proc
+	return cmd, nil
+}
+
+// wait polls ok until it returns nil, the process dies or the timeout ends.
+func (c *Cluster) wait(ctx context.Context, what string, pid int, timeout time.Duration, ok func() error) error {
+	deadline := time.Now().Add(timeout)
+	var last error
+	for {
+		if last = ok(); last == nil {
+			return nil
+		}
+		if pid != 0 && !alive(Proc{PID: pid, StartTime: procStartTime(pid)}) {
+			return fmt.Errorf("%s exited: %v (see %s)", what, last, c.path("logs"))
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%s not ready after %s: %v (see %s)", what, timeout, last, c.path("logs"))
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+func (c *Cluster) startEtcd(ctx context.Context) error {
+	client := fmt.Sprintf("http://127.0.0.1:%d", c.EtcdPort)
+	peer := fmt.Sprintf("http://127.0.0.1:%d", c.EtcdPeerPort)
+	cmd, err := c.start("etcd", filepath.Join(c.BinDir, "etcd"),
+		"--name=kdg", "--data-dir="+c.path("etcd"),
+		"--listen-client-urls="+client, "--advertise-client-urls="+client,
+		"--listen-peer-urls="+peer, "--initial-advertise-peer-urls="+peer,
+		"--initial-cluster=kdg="+peer, "--unsafe-no-fsync", "--log-level=warn")
+	if err != nil {
+		return err
+	}
+	return c.wait(ctx, "etcd", cmd.Process.Pid, 30*time.Second, func() error {
+		conn, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", c.EtcdPort), time.Second)
+		if err == nil {
+			conn.Close()
+		}
+		return err
+	})
+}
+
+// APIServerURL is the apiserver's address (loopback).
+func (c *Cluster) APIServerURL() string {
+	return fmt.Sprintf("https://127.0.0.1:%d", c.APIServerPort)
+}
+
+func (c *Cluster) startAPIServer(ctx context.Context) error {
+	p := func(n string) string { return c.path("pki", n) }
+	cmd, err := c.start("kube-apiserver", filepath.Join(c.BinDir, "kube-apiserver"),
+		fmt.Sprintf("--etcd-servers=http://127.0.0.1:%d", c.EtcdPort),
+		"--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
+		fmt.Sprintf("--secure-port=%d", c.APIServerPort),
+		"--cert-dir="+c.path("apiserver"),
+		"--tls-cert-file="+p("apiserver.crt"), "--tls-private-key-file="+p("apiserver.key"),
+		"--client-ca-file="+p("ca.crt"),
+		"--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+		"--service-account-key-file="+p("sa.pub"),
+		"--service-account-signing-key-file="+p("sa.key"),
+		"--service-cluster-ip-range=10.96.0.0/24",
+		"--authorization-mode=Node,RBAC",
+		// No controller-manager runs, so nothing creates the `default`
+		// ServiceAccount of a namespace; the ServiceAccount admission plugin
+		// would reject every pod. Pods set automountServiceAccountToken: false.
+		"--disable-admission-plugins=ServiceAccount",
+		"--enable-admission-plugins=NodeRestriction",
+		"--allow-privileged=true",
+		"--kubelet-client-certificate="+p("apiserver-kubelet-client.crt"),
+		"--kubelet-client-key="+p("apiserver-kubelet-client.key"),
+		"--kubelet-certificate-authority="+p("ca.crt"),
+		"--kubelet-preferred-address-types=InternalIP",
+		"--profiling=false", "--v=1")
+	if err != nil {
+		return err
+	}
+	if err := c.writeKubeconfig(c.Kubeconfig, "admin"); err != nil {
+		return err
+	}
+	rc, err := clientcmd.BuildConfigFromFlags("", c.Kubeconfig)
+	if err != nil {
+		return err
+	}
+	c.Client, err = kubernetes.NewForConfig(rc)
+	if err != nil {
+		return err
+	}
+	return c.wait(ctx, "kube-apiserver", cmd.Process.Pid, 60*time.Second, func() error {
+		_, err := c.Client.Discovery().RESTClient().Get().AbsPath("/readyz").DoRaw(ctx)
+		return err
+	})
+}
+
+func (c *Cluster) startContainerd(ctx context.Context) error {
+	d := c.path("containerd")
+	for _, sub := range []string{"root", "state", "runc", "opt", "net.d"} {
+		if err := os.MkdirAll(filepath.Join(d, sub), 0o755); err != nil {
+			return err
+		}
+	}
+	conflist := `{"cniVersion": "0.4.0", "name": "kdg-loopback", "plugins": [{"type": "loopback"}]}`
+	if c.PodNetwork {
+		c.State.PodBridge = PodBridge
+		if err := c.save(); err != nil {
+			return err
+		}
+		conflist = fmt.Sprintf(`{"cniVersion": "0.4.0", "name": "kdg-bridge", "plugins": [{"type": "bridge", "bridge": %q,
+  "isGateway": false, "ipMasq": false, "hairpinMode": false,
+  "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.244.0.0/24"}]], "dataDir": %q}}]}`, PodBridge, c.path("cni-ipam"))
+	}
+	if err := os.WriteFile(filepath.Join(d, "net.d", "10-kdg.conflist"), []byte(conflist), 0o644); err != nil {
+		return err
+	}
+	cri := `plugins."io.containerd.grpc.v1.cri"`
+	config := fmt.Sprintf(`version = 2
+root = %[1]q
+state = %[2]q
+disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs"]
+
+[grpc]
+  address = %[3]q
+[ttrpc]
+  address = %[4]q
+[debug]
+  address = ""
+[metrics]
+  address = ""
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = %[5]q
+
+[%[6]s]
+  sandbox_image = %[7]q
+  # No CAP_SYS_RESOURCE here: containers may not lower oom_score_adj.
+  restrict_oom_score_adj = true
+  enable_selinux = false
+  [%[6]s.containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [%[6]s.containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      # Pod annotations KubeDiskGuard's applier reads from the OCI spec.
+      pod_annotations = ["kubediskguard.io/*"]
+      [%[6]s.containerd.runtimes.runc.options]
+        SystemdCgroup = false
+        Root = %[8]q
+  [%[6]s.cni]
+    bin_dir = %[9]q
+    conf_dir = %[10]q
+    max_conf_num = 1
+`, filepath.Join(d, "root"), c.ContainerdStateDir, c.ContainerdAddress, c.ContainerdAddress+".ttrpc",
+		filepath.Join(d, "opt"), cri, PauseImage, filepath.Join(d, "runc"), c.CNIBinDir, filepath.Join(d, "net.d"))
+	if err := os.WriteFile(filepath.Join(d, "config.toml"), []byte(config), 0o644); err != nil {
+		return err
+	}
+	cmd, err := c.start("containerd", c.Containerd, "--config", filepath.Join(d, "config.toml"), "--log-level", "warn")
+	if err != nil {
+		return err
+	}
+	if err := c.wait(ctx, "containerd", cmd.Process.Pid, 30*time.Second, func() error {
+		return c.ctr("version")
+	}); err != nil {
+		return err
+	}
+	for _, img := range []string{"busybox.tar", "pause.tar"} {
+		if err := c.ctr("images", "import", "--no-unpack=false", c.path("images", img)); err != nil {
+			// ctr 1.6 has no --no-unpack flag on every build; retry plainly.
+			if err2 := c.ctr("images", "import", c.path("images", img)); err2 != nil {
+				return fmt.Errorf("importing %s: %w", img, err2)
+			}
+		}
+	}
+	return nil
+}
+
+// Ctr runs ctr against the cluster's containerd in the k8s.io namespace.
+func (c *Cluster) Ctr(args ...string) ([]byte, error) {
+	cmd := exec.Command(c.Config.Ctr, append([]string{"--address", c.ContainerdAddress, "--namespace", "k8s.io"}, args...)...)
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		return out, fmt.Errorf("ctr %s: %w: %s", strings.Join(args, " "), err, strings.TrimSpace(string(out)))
+	}
+	return out, nil
+}
+
+func (c *Cluster) ctr(args ...string) error {
+	_, err := c.Ctr(args...)
+	return err
+}
+
+func (c *Cluster) buildImages(ctx context.Context) error {
+	if err := os.MkdirAll(c.path("images"), 0o755); err != nil {
+		return err
+	}
+	if err := BuildImageTar(c.path("images", "busybox.tar"), BusyboxImage, c.Busybox, nil, []string{"sh"}); err != nil {
+		return err
+	}
+	return BuildImageTar(c.path("images", "pause.tar"), PauseImage, c.Busybox, []string{"/bin/sleep", "inf"}, nil)
+}
+
+func (c *Cluster) startKubelet(ctx context.Context) error {
+	nodeIP, err := hostIP()
+	if err != nil {
+		return err
+	}
+	if err := c.writeKubeletServing(nodeIP); err != nil {
+		return err
+	}
+	kc := c.path("kubelet.kubeconfig")
+	if err := c.writeKubeconfig(kc, "kubelet"); err != nil {
+		return err
+	}
+	p := func(n string) string { return c.path("pki", n) }
+	config := fmt.Sprintf(`apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+address: %q
+port: %d
+readOnlyPort: 0
+healthzBindAddress: 127.0.0.1
+healthzPort: %d
+tlsCertFile: %q
+tlsPrivateKeyFile: %q
+authentication:
+  anonymous: {enabled: false}
+  webhook: {enabled: false}
+  x509: {clientCAFile: %q}
+authorization: {mode: AlwaysAllow}
+containerRuntimeEndpoint: unix://%s
+imageServiceEndpoint: unix://%s
+podLogsDir: %q
+cgroupDriver: cgroupfs
+cgroupsPerQOS: true
+enforceNodeAllocatable: [pods]
+failSwapOn: false
+failCgroupV1: false
+oomScoreAdj: 0
+protectKernelDefaults: false
+# No KUBE-FIREWALL / canary chains on the host (teardown removes any anyway).
+makeIPTablesUtilChains: false
+serializeImagePulls: false
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
+evictionHard: {memory.available: "50Mi", nodefs.available: "1%%", imagefs.available: "1%%"}
+nodeStatusUpdateFrequency: 2s
+syncFrequency: 5s
+fileCheckFrequency: 5s
+rotateCertificates: false
+serverTLSBootstrap: false
+registerNode: true
+resolvConf: ""
+`, nodeIP, c.KubeletPort, c.KubeletHealthzPort, p("kubelet-serving.crt"), p("kubelet-serving.key"), p("ca.crt"),
+		c.ContainerdAddress, c.ContainerdAddress, c.path("kubelet-pod-logs"))
+	if err := os.WriteFile(c.path("kubelet.yaml"), []byte(config), 0o644); err != nil {
+		return err
+	}
+	cmd, err := c.start("kubelet", filepath.Join(c.BinDir, "kubelet"),
+		"--config="+c.path("kubelet.yaml"),
+		"--kubeconfig="+kc,
+		"--root-dir="+c.path("kubelet"),
+		"--cert-dir="+c.path("kubelet-pki"),
+		"--hostname-override="+c.NodeName,
+		"--node-ip="+nodeIP,
+		"--v=1")
+	if err != nil {
+		return err
+	}
+	return c.wait(ctx, "kubelet (waiting for node "+c.NodeName+" Ready)", cmd.Process.Pid, 90*time.Second, func() error {
+		n, err := c.Client.CoreV1().Nodes().Get(ctx, c.NodeName, metav1.GetOptions{})
+		if err != nil {
+			return err
+		}
+		for _, cond := range n.Status.Conditions {
+			if cond.Type == corev1.NodeReady {
+				if cond.Status == corev1.ConditionTrue {
+					return nil
+				}
+				return fmt.Errorf("Ready=%s: %s", cond.Status, cond.Message)
+			}
+		}
+		return errors.New("no Ready condition yet")
+	})
+}
+
+// hostIP is the address of the interface holding the default route (the
+// kubelet's InternalIP: the kubelet refuses a loopback node IP).
+func hostIP() (string, error) {
+	if conn, err := net.Dial("udp4", "192.0.2.254:9"); err == nil { // no packet is sent
+		defer conn.Close()
+		if a, ok := conn.LocalAddr().(*net.UDPAddr); ok && !a.IP.IsLoopback() {
+			return a.IP.String(), nil
+		}
+	}
+	addrs, err := net.InterfaceAddrs()
+	if err != nil {
+		return "", err
+	}
+	for _, a := range addrs {
+		if n, ok := a.(*net.IPNet); ok && n.IP.To4() != nil && !n.IP.IsLoopback() {
+			return n.IP.String(), nil
+		}
+	}
+	return "", errors.New("no non-loopback IPv4 address for the node")
+}
+
+// Kubectl runs the pinned kubectl as cluster-admin.
+func (c *Cluster) Kubectl(ctx context.Context, args ...string) ([]byte, error) {
+	cmd := exec.CommandContext(ctx, filepath.Join(c.BinDir, "kubectl"), append([]string{"--kubeconfig", c.Kubeconfig}, args...)...)
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		return out, fmt.Errorf("kubectl %s: %w: %s", strings.Join(args, " "), err, strings.TrimSpace(string(out)))
+	}
+	return out, nil
+}
+
+// Down stops the cluster recorded in dir/state.json and undoes its host
+// changes. It works from the state file alone, so it also cleans up after an
+// `up` process that died. See teardown.go.
+func Down(dir string, log io.Writer) error {
+	return down(dir, log)
+}
+
+// PodBridge is the host bridge of Config.PodNetwork.
+const PodBridge = "kdg0"
+
+// Env is the environment a local KubeDiskGuard applier (and kubectl) needs
+// to work against this cluster, as KEY=VALUE.
+func (c *Cluster) Env() []string {
+	return []string{
+		"KUBECONFIG=" + c.Kubeconfig,
+		"NODE_NAME=" + c.NodeName,
+		"CONTAINER_RUNTIME=containerd",
+		"CONTAINER_SOCKET_PATH=" + c.ContainerdAddress,
+		"CONTAINERD_NAMESPACE=k8s.io",
+	}
+}
+
+// stateDirEntries are the names the harness writes in its state dir.
+var stateDirEntries = map[string]bool{
+	"logs": true, "pki": true, "images": true, "etcd": true, "apiserver": true, "containerd": true,
+	"kubelet": true, "kubelet-pki": true, "kubelet-pod-logs": true, "cni-ipam": true,
+	"admin.kubeconfig": true, "kubelet.kubeconfig": true, "kubelet.yaml": true, "state.json.tmp": true,
+}
+
+// clearStateDir empties a state dir left by an earlier run, and refuses a
+// dir holding anything the harness did not write (a mistyped -dir).
+func clearStateDir(dir string) error {
+	ents, err := os.ReadDir(dir)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	for _, e := range ents {
+		if !stateDirEntries[e.Name()] {
+			return fmt.Errorf("%s holds %s, which the cluster harness did not write: choose an empty or new state dir", dir, e.Name())
+		}
+	}
+	for _, e := range ents {
+		if err := os.RemoveAll(filepath.Join(dir, e.Name())); err != nil {
+			return err
+		}
+	}
+	return nil
+}

@@ -1,0 +1,299 @@
+package cluster
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"reflect"
+	"sort"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/kubediskguard/kubediskguard/shared/realtest"
+)
+
+// TestClusterUpSmokeDown brings the real single-node cluster up, runs a pod
+// (Running, kubectl exec, its blkio cgroup), tears it down and checks that
+// the host is as before: no processes, mounts, cgroups, files, sysctls or
+// iptables chains left.
+//
+// It holds the host lock (only one kubelet may run on a machine, and the
+// runtime tests' kubepods cgroups must not be in its way); under CI=true a
+// missing component fails the test.
+func TestClusterUpSmokeDown(t *testing.T) {
+	for _, podNetwork := range []bool{false, true} {
+		name := "hostNetwork"
+		if podNetwork {
+			name = "podNetwork"
+		}
+		t.Run(name, func(t *testing.T) { testClusterUpSmokeDown(t, podNetwork) })
+	}
+}
+
+func testClusterUpSmokeDown(t *testing.T, podNetwork bool) {
+	if testing.Short() {
+		t.Skip("starts a real kubelet; not with -short")
+	}
+	realtest.Root(t)
+	realtest.HostLock(t) // one kubelet, and no other test's runtimes or kubepods cgroups meanwhile
+	assets := realtest.KubeAssets(t, "etcd", "kube-apiserver", "kubelet", "kubectl")
+	cfg := Config{BinDir: assets, Log: testWriter{t}, PodNetwork: podNetwork}
+	for _, m := range cfg.Missing() {
+		realtest.Missing(t, m, "make host-deps test-bins")
+	}
+	dir, err := os.MkdirTemp("", "kdg-cluster-test-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.Dir = dir
+
+	before := snapshotForTest(t, dir)
+
+	// Ctrl-C (or a kill from `go test -timeout`'s SIGQUIT is not catchable;
+	// SIGINT/SIGTERM are) must not leave a kubelet behind.
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
+	defer func() { signal.Stop(sigs); close(sigs) }()
+	go func() {
+		if _, ok := <-sigs; ok {
+			fmt.Fprintln(os.Stderr, "signal: tearing the cluster down")
+			Down(dir, os.Stderr)
+			os.Exit(1)
+		}
+	}()
+
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	downDone := false
+	t.Cleanup(func() {
+		if !downDone {
+			if err := Down(dir, os.Stderr); err != nil {
+				t.Errorf("teardown: %v", err)
+			}
+		}
+		if t.Failed() {
+			dumpLogs(t, filepath.Join(dir, "logs"))
+		}
+		os.RemoveAll(dir)
+	})
+
+	start := time.Now()
+	c, err := Up(ctx, cfg)
+	if err != nil {
+		t.Fatalf("up: %v", err)
+	}
+	t.Logf("up in %s: %v", time.Since(start).Round(time.Millisecond), c.Timings)
+
+	res, err := c.Smoke(ctx)
+	if err != nil {
+		t.Fatalf("smoke: %v", err)
+	}
+	if podNetwork && !strings.HasPrefix(res.PodIP, "10.244.0.") {
+		t.Errorf("pod IP %q, want one from the bridge's 10.244.0.0/24", res.PodIP)
+	}
+	t.Logf("pod Running in %s, kubectl exec in %s, cgroup %s", res.PodRunning.Round(time.Millisecond), res.Exec.Round(time.Millisecond), res.Cgroup)
+	if !strings.HasPrefix(res.Cgroup, "/sys/fs/cgroup/blkio/kubepods/besteffort/pod") {
+		t.Errorf("cgroup %s", res.Cgroup)
+	}
+
+	taskIDs, _ := listDir(filepath.Join(c.ContainerdStateDir, "io.containerd.runtime.v2.task", "k8s.io"))
+	start = time.Now()
+	downDone = true
+	if err := Down(dir, testWriter{t}); err != nil {
+		t.Fatalf("down: %v", err)
+	}
+	t.Logf("down in %s", time.Since(start).Round(time.Millisecond))
+	if err := Down(dir, testWriter{t}); err != nil {
+		t.Errorf("a second down must be a no-op: %v", err)
+	}
+
+	checkStopped(t, c.State, taskIDs)
+	checkHostAsBefore(t, before, dir)
+}
+
+// TestClusterUpFailureTearsDown: when a component dies during Up, Up tears
+// down what it had started (here a kubelet that exits at once) and the host
+// is as before.
+func TestClusterUpFailureTearsDown(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts real etcd, kube-apiserver, containerd; not with -short")
+	}
+	realtest.Root(t)
+	realtest.HostLock(t) // one kubelet, and no other test's runtimes or kubepods cgroups meanwhile
+	assets := realtest.KubeAssets(t, "etcd", "kube-apiserver", "kubelet", "kubectl")
+	bins := t.TempDir()
+	for _, b := range []string{"etcd", "kube-apiserver", "kubectl"} {
+		if err := os.Symlink(filepath.Join(assets, b), filepath.Join(bins, b)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.WriteFile(filepath.Join(bins, "kubelet"), []byte("#!/bin/sh\necho broken kubelet >&2\nexit 1\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	cfg := Config{BinDir: bins, Log: testWriter{t}}
+	for _, m := range cfg.Missing() {
+		realtest.Missing(t, m, "make host-deps test-bins")
+	}
+	dir, err := os.MkdirTemp("", "kdg-cluster-test-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	cfg.Dir = dir
+	before := snapshotForTest(t, dir)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	c, err := Up(ctx, cfg)
+	if err == nil {
+		Down(dir, os.Stderr)
+		t.Fatalf("up with a broken kubelet succeeded: %+v", c.State)
+	}
+	if !strings.Contains(err.Error(), "exited") {
+		t.Errorf("error does not say the kubelet exited: %v", err)
+	}
+	t.Logf("up failed as it should: %v", err)
+	if _, err := os.Stat(filepath.Join(dir, "state.json")); err == nil {
+		t.Errorf("state.json left: the failed up did not tear down")
+	}
+	checkHostAsBefore(t, before, dir)
+}
+
+func checkHostAsBefore(t *testing.T, before map[string]any, dir string) {
+	t.Helper()
+	after := snapshotForTest(t, dir)
+	for _, k := range sortedKeys(before, after) {
+		if !reflect.DeepEqual(before[k], after[k]) {
+			t.Errorf("host changed: %s\n before: %v\n after:  %v", k, before[k], after[k])
+		}
+	}
+	if left := MountsUnder(dir); len(left) > 0 {
+		t.Errorf("mounts left under %s: %v", dir, left)
+	}
+}
+
+// snapshotForTest records what the cluster may touch on the host. Other
+// packages' tests run at the same time (go test ./... runs packages in
+// parallel) and start their own containerd, dockerd, apiservers with mounts
+// under their temp dirs and cgroups of their own, so only what a kubelet
+// cluster makes is compared: the kubelet, kubepods cgroups, mounts outside
+// other tests' temp dirs, the kubelet's sysctls and paths, netns, iptables,
+// network interfaces.
+func snapshotForTest(t *testing.T, dir string) map[string]any {
+	s := map[string]any{}
+	s["processes kubelet"] = fmt.Sprint(pidsNamed("kubelet"))
+	mounts, err := mountInfo()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var points []string
+	tmp := filepath.Clean(os.TempDir())
+	for _, m := range mounts {
+		if strings.HasPrefix(m.point, tmp+"/") && m.point != dir && !strings.HasPrefix(m.point, dir+"/") {
+			continue // another test's
+		}
+		points = append(points, m.point)
+	}
+	sort.Strings(points)
+	s["mounts"] = points
+	var cgs []string
+	ctrls, _ := cgroupMounts()
+	for _, c := range ctrls {
+		if _, err := os.Stat(filepath.Join(c, "kubepods")); err == nil {
+			cgs = append(cgs, filepath.Join(c, "kubepods"))
+		}
+	}
+	s["kubepods cgroups"] = cgs
+	for _, sc := range kubeletSysctls {
+		v, _ := readSysctl(sc)
+		s["sysctl "+sc] = v
+	}
+	for _, p := range hostPaths {
+		_, err := os.Lstat(p)
+		s["exists "+p] = err == nil
+	}
+	for _, d := range []string{"/run/netns", "/var/lib/kubelet"} {
+		l, _ := listDir(d)
+		s["ls "+d] = fmt.Sprint(l)
+	}
+	for _, bin := range []string{"iptables-save", "ip6tables-save"} {
+		if out, err := exec.Command(bin).Output(); err == nil {
+			var rules []string
+			for _, l := range strings.Split(string(out), "\n") {
+				if !strings.HasPrefix(l, "#") { // drop the timestamps
+					rules = append(rules, strings.SplitN(l, " [", 2)[0])
+				}
+			}
+			s[bin] = rules
+		}
+	}
+	s["nft tables"] = fmt.Sprint(nftTables())
+	if ifs, err := net.Interfaces(); err == nil {
+		var names []string
+		for _, i := range ifs {
+			names = append(names, i.Name)
+		}
+		s["network interfaces"] = names
+	}
+	return s
+}
+
+// checkStopped: nothing the cluster started runs, no shim socket is left.
+func checkStopped(t *testing.T, st State, taskIDs []string) {
+	t.Helper()
+	for _, p := range st.Procs {
+		if alive(p) {
+			t.Errorf("%s (pid %d) still runs", p.Name, p.PID)
+		}
+	}
+	if pids := shimPIDs(st.ContainerdAddress); len(pids) > 0 {
+		t.Errorf("containerd shims still run: %v", pids)
+	}
+	if len(taskIDs) == 0 {
+		t.Errorf("no containerd task dirs were seen")
+	}
+	for _, id := range taskIDs {
+		if _, err := os.Lstat(shimSocket(st.ContainerdAddress, "k8s.io", id)); err == nil {
+			t.Errorf("shim socket of %s left", id)
+		}
+	}
+}
+
+func sortedKeys(a, b map[string]any) []string {
+	seen := map[string]bool{}
+	var ks []string
+	for _, m := range []map[string]any{a, b} {
+		for k := range m {
+			if !seen[k] {
+				seen[k] = true
+				ks = append(ks, k)
+			}
+		}
+	}
+	sort.Strings(ks)
+	return ks
+}
+
+func dumpLogs(t *testing.T, dir string) {
+	ents, _ := os.ReadDir(dir)
+	for _, e := range ents {
+		b, _ := os.ReadFile(filepath.Join(dir, e.Name()))
+		lines := strings.Split(strings.TrimSpace(string(b)), "\n")
+		if len(lines) > 30 {
+			lines = lines[len(lines)-30:]
+		}
+		t.Logf("--- %s (last %d lines)\n%s", e.Name(), len(lines), strings.Join(lines, "\n"))
+	}
+}
+
+type testWriter struct{ t *testing.T }
+
+func (w testWriter) Write(p []byte) (int, error) {
+	w.t.Log(strings.TrimRight(string(p), "\n"))
+	return len(p), nil
+}

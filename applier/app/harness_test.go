@@ -60,7 +60,14 @@ var (
 )
 
 func TestMain(m *testing.M) {
+	before := rootThrottles()
 	code := m.Run()
+	if after := rootThrottles(); after != before {
+		// The applier must never limit the host's root cgroup (where every
+		// exited process lands); a test run that did so fails.
+		fmt.Fprintf(os.Stderr, "the root cgroup's throttle files changed during the tests:\nbefore:\n%s\nafter:\n%s\n", before, after)
+		code = 1
+	}
 	if shared != nil {
 		if err := shared.env.Stop(); err != nil {
 			fmt.Fprintln(os.Stderr, "stopping envtest:", err)
@@ -68,6 +75,17 @@ func TestMain(m *testing.M) {
 		os.RemoveAll(filepath.Dir(shared.kubeconfig))
 	}
 	os.Exit(code)
+}
+
+// rootThrottles returns the root blkio cgroup's throttle files.
+func rootThrottles() string {
+	var b strings.Builder
+	for _, d := range limits.Dimensions {
+		f := filepath.Join(cgroup.DefaultRoot, "blkio", cgroup.V1File(d))
+		content, _ := os.ReadFile(f)
+		fmt.Fprintf(&b, "%s: %q\n", f, content)
+	}
+	return b.String()
 }
 
 // controlPlane starts, once for the package, a kube-apiserver and etcd.

@@ -98,6 +98,11 @@ func (h *Hierarchy) Read(dir string) (map[device.Device]limits.Limits, error) {
 // reports whether it wrote.
 func (h *Hierarchy) writeIfChanged(dir, name, value string, isSet func(current string) (bool, error)) (bool, error) {
 	path := filepath.Join(filepath.Clean(dir), name)
+	if filepath.Clean(dir) == h.dir {
+		// Every process of the host not in a cgroup of its own lives here
+		// (an exited one too): limiting it is never what was meant.
+		return false, fmt.Errorf("writing %q to %s: refusing to limit the root cgroup", value, path)
+	}
 	current, err := h.readFile(dir, name)
 	if err != nil {
 		return false, fmt.Errorf("writing %q to %s: %w", value, path, err)

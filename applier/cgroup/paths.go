@@ -68,6 +68,27 @@ func (h *Hierarchy) ProcessDir(procRoot string, pid int) (string, error) {
 	return h.Join(p), nil
 }
 
+// ContainerDirOf returns the cgroup directory of the container id from the
+// cgroup directory of one of its processes: dir itself or the nearest
+// ancestor whose name holds the ID, as the runtimes name a container's
+// cgroup (cgroupfs ".../<id>", systemd ".../cri-containerd-<id>.scope" or
+// ".../docker-<id>.scope"); a process that nests cgroups of its own below
+// (systemd in a container) still gives its container's. ok is false when no
+// component holds the ID: the process is not, or no longer, in the
+// container's cgroup — an exited process is in the root cgroup.
+func (h *Hierarchy) ContainerDirOf(dir, id string) (string, bool) {
+	rel, err := h.Rel(dir)
+	if err != nil || id == "" {
+		return "", false
+	}
+	for p := rel; p != "/" && p != "."; p = path.Dir(p) {
+		if strings.Contains(path.Base(p), id) {
+			return h.Join(p), true
+		}
+	}
+	return "", false
+}
+
 // ErrCgroupNamespace means the applier runs in a cgroup namespace of its
 // own, where other processes' cgroup paths are relative to it ("/../..");
 // it must run in the host's cgroup namespace (a privileged container).

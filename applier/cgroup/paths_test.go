@@ -411,3 +411,38 @@ func TestProcessPathsOutsideTheCgroupNamespaceAreRefused(t *testing.T) {
 		t.Fatalf("CheckNamespace in the host namespace = %v", err)
 	}
 }
+
+func TestContainerDirOf(t *testing.T) {
+	h, err := Open(newRoot(t, "v2"), Auto)
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := "16c0f5cee8ed9"
+	tests := map[string]struct {
+		path, want string
+		ok         bool
+	}{
+		"finds a cgroupfs container cgroup":             {"/kubepods/besteffort/pod1/" + id, "/kubepods/besteffort/pod1/" + id, true},
+		"finds a systemd scope named after the id":      {"/kubepods.slice/kubepods-pod1.slice/cri-containerd-" + id + ".scope", "/kubepods.slice/kubepods-pod1.slice/cri-containerd-" + id + ".scope", true},
+		"climbs out of cgroups nested in the container": {"/kubepods/burstable/pod1/" + id + "/init.scope", "/kubepods/burstable/pod1/" + id, true},
+		"refuses the root cgroup of an exited process":  {"/", "", false},
+		"refuses another container's cgroup":            {"/kubepods/besteffort/pod1/0ther", "", false},
+	}
+	for name, tc := range tests {
+		t.Run(name, func(t *testing.T) {
+			got, ok := h.ContainerDirOf(h.Join(tc.path), id)
+			if ok != tc.ok || (ok && got != h.Join(tc.want)) {
+				t.Fatalf("ContainerDirOf(%s) = %q, %v; want %q, %v", tc.path, got, ok, h.Join(tc.want), tc.ok)
+			}
+		})
+	}
+}
+
+func TestTheRootCgroupIsNeverLimited(t *testing.T) {
+	for _, v := range []Version{V1, V2} {
+		h, _ := newHierarchy(t, v)
+		if _, err := h.Apply(h.Dir(), []device.Device{vda}, limits.Limits{ReadIOPS: 200}); err == nil || !strings.Contains(err.Error(), "root cgroup") {
+			t.Fatalf("%v: Apply on the root = %v, want a refusal", v, err)
+		}
+	}
+}

@@ -371,10 +371,19 @@ func (r *Reconciler) desired(pod *corev1.Pod, container string) (limits.Limits, 
 func (r *Reconciler) trackLocked(c runtime.Container) *tracked {
 	t := &tracked{c: c, dir: c.CgroupDir}
 	if c.PID > 0 {
-		if dir, err := r.Cgroups.ProcessDir(r.ProcRoot, c.PID); err == nil {
-			t.dir = dir
-		} else {
-			r.Log.V(1).Info("cgroup of the init process not readable; using the runtime's", "container", c.ID, "pid", c.PID, "reason", err.Error())
+		dir, err := r.Cgroups.ProcessDir(r.ProcRoot, c.PID)
+		if err == nil {
+			// A PID from an event may already belong to an exited
+			// process (in the root cgroup) or to another one: only a
+			// cgroup named after the container is the container's.
+			if cdir, ok := r.Cgroups.ContainerDirOf(dir, c.ID); ok {
+				t.dir = cdir
+			} else {
+				err = fmt.Errorf("process %d is in %s, not in a cgroup of container %s", c.PID, dir, c.ID)
+			}
+		}
+		if err != nil {
+			r.Log.V(1).Info("cgroup of the init process not usable; using the runtime's", "container", c.ID, "pid", c.PID, "reason", err.Error())
 		}
 	}
 	r.containers[c.ID] = t

@@ -1,0 +1,908 @@
+// Command demo is `make demo`: KubeDiskGuard end to end on a real
+// single-node Kubernetes on this machine, told as a short story in the
+// terminal.
+//
+//  1. a namespace opts in (kubediskguard.io/enabled=true) with a default of
+//     200 IOPS;
+//  2. a pod running fio on the data disk is limited to what the webhook
+//     stamped on it, the same pod in a namespace that did not opt in is not;
+//  3. `kubectl annotate` changes the running pod's limit, and the next fio
+//     run shows it;
+//  4. `kubectl describe pod` shows the Event the applier recorded.
+//
+// It brings up the cluster of hack/cluster (etcd, kube-apiserver, containerd,
+// kubelet), runs the built binaries bin/kubediskguard-webhook and
+// bin/kubediskguard-applier against it as a deployment would configure them
+// (the apiserver calls the webhook over TLS; the applier watches containerd
+// and limits the disk holding DATA_MOUNT), and tears everything down on exit,
+// on Ctrl-C and on failure. All its files live in -dir (removed at the end);
+// the logs of the last run are kept in -logs, inside the repository.
+//
+// Run it with `make demo` (which installs and builds what it needs first), or
+// `go run ./hack/demo` with KUBEBUILDER_ASSETS set and `make build` done.
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"text/tabwriter"
+	"time"
+
+	admissionv1 "k8s.io/api/admissionregistration/v1"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"sigs.k8s.io/yaml"
+
+	"github.com/kubediskguard/kubediskguard/certs/pki"
+	"github.com/kubediskguard/kubediskguard/hack/cluster"
+)
+
+// The story's settings.
+const (
+	optedIn    = "demo" // the namespace that opts in
+	notOptedIn = "free" // the namespace that does not
+	podName    = "fio"
+	nsIOPS     = 200 // the opted-in namespace's default (kubediskguard.io/iops)
+	liveIOPS   = 100 // the pod's new read limit (kubediskguard.io/read-iops)
+	fioSeconds = 8
+	fioFileMiB = 128
+)
+
+func main() {
+	dir := flag.String("dir", "/var/tmp/kdg-demo", "state dir: the cluster, the data dir (DATA_MOUNT), certificates, logs; removed at exit. It must be on a disk (not tmpfs): its filesystem's disk is what gets limited")
+	binDir := flag.String("bin", "bin", "where kubediskguard-webhook and kubediskguard-applier are (make build)")
+	manifest := flag.String("manifest", "manifests/webhook/mutatingwebhookconfiguration.yaml", "the webhook configuration to register")
+	logs := flag.String("logs", ".cache/demo/last-run", "where the logs of the run are copied before -dir is removed")
+	flag.Parse()
+
+	d := &demo{out: os.Stdout}
+	var err error
+	if d.dir, err = filepath.Abs(*dir); err == nil {
+		if d.binDir, err = filepath.Abs(*binDir); err == nil {
+			d.logsDir, err = filepath.Abs(*logs)
+		}
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "demo:", err)
+		os.Exit(2)
+	}
+	d.manifest = *manifest
+
+	// The first Ctrl-C (or SIGTERM) cancels the story; the teardown then
+	// runs to its end, so further ones are only acknowledged.
+	ctx, cancel := context.WithCancel(context.Background())
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
+	go func() {
+		for s := range sigs {
+			if ctx.Err() == nil {
+				fmt.Fprintf(os.Stderr, "\ndemo: %v: stopping and cleaning up (a few seconds)…\n", s)
+				cancel()
+			} else {
+				fmt.Fprintln(os.Stderr, "demo: still cleaning up; please wait")
+			}
+		}
+	}()
+
+	runErr := d.run(ctx)
+	if runErr != nil && ctx.Err() == nil {
+		fmt.Fprintf(os.Stderr, "\ndemo failed: %v\n", runErr)
+	}
+	cleanErr := d.cleanup()
+	if cleanErr != nil {
+		fmt.Fprintf(os.Stderr, "demo: cleanup: %v\n", cleanErr)
+	}
+	switch {
+	case runErr != nil && ctx.Err() != nil:
+		fmt.Fprintln(os.Stderr, "demo: interrupted; everything stopped and removed")
+		os.Exit(130)
+	case runErr != nil || cleanErr != nil:
+		fmt.Fprintf(os.Stderr, "demo: logs of this run: %s\n", d.logsDir)
+		os.Exit(1)
+	}
+	fmt.Printf("Done: nothing left running, %s removed. Logs of this run: %s\n", d.dir, d.logsDir)
+}
+
+type demo struct {
+	out                            io.Writer
+	dir, binDir, logsDir, manifest string
+
+	c     *cluster.Cluster
+	procs []*proc // webhook, applier: stopped in reverse order
+	rows  []row
+}
+
+// row is one line of the final table.
+type row struct{ what, limit, measured string }
+
+func (d *demo) path(parts ...string) string {
+	return filepath.Join(append([]string{d.dir}, parts...)...)
+}
+
+func (d *demo) clusterDir() string { return d.path("cluster") }
+func (d *demo) dataDir() string    { return d.path("data") }
+
+// step prints a progress line.
+func (d *demo) step(format string, args ...any) {
+	fmt.Fprintf(d.out, "==> "+format+"\n", args...)
+}
+
+func (d *demo) say(format string, args ...any) {
+	fmt.Fprintf(d.out, format+"\n", args...)
+}
+
+func (d *demo) run(ctx context.Context) error {
+	start := time.Now()
+	for _, b := range []string{"kubediskguard-webhook", "kubediskguard-applier"} {
+		if _, err := os.Stat(filepath.Join(d.binDir, b)); err != nil {
+			return fmt.Errorf("%s not built: run `make build` (%w)", b, err)
+		}
+	}
+	if err := d.recover(); err != nil {
+		return err
+	}
+	for _, sub := range []string{"logs", "data"} {
+		if err := os.MkdirAll(d.path(sub), 0o755); err != nil {
+			return err
+		}
+	}
+
+	d.step("starting a single-node Kubernetes (etcd, kube-apiserver, containerd, kubelet); state in %s", d.clusterDir())
+	c, err := cluster.Up(ctx, cluster.Config{Dir: d.clusterDir(), Log: prefixWriter{d.out, "    "}})
+	if err != nil {
+		return fmt.Errorf("starting the cluster: %w", err)
+	}
+	d.c = c
+
+	if err := d.startWebhook(ctx); err != nil {
+		return err
+	}
+	if err := d.startApplier(ctx); err != nil {
+		return err
+	}
+	if err := d.prepareFioFile(); err != nil {
+		return err
+	}
+	d.say("\nReady in %s. kubectl below is %s --kubeconfig %s\n",
+		time.Since(start).Round(time.Second), filepath.Join(c.BinDir, "kubectl"), c.Kubeconfig)
+
+	if err := d.story(ctx); err != nil {
+		return err
+	}
+	d.table()
+	return nil
+}
+
+// story is what the user came for.
+func (d *demo) story(ctx context.Context) error {
+	d.say("──── 1. A namespace opts in, with a default of %d IOPS per container ────", nsIOPS)
+	for _, args := range [][]string{
+		{"create", "namespace", optedIn},
+		{"label", "namespace", optedIn, "kubediskguard.io/enabled=true"},
+		{"annotate", "namespace", optedIn, "kubediskguard.io/iops=" + strconv.Itoa(nsIOPS)},
+		{"create", "namespace", notOptedIn},
+	} {
+		if _, err := d.kubectl(ctx, args...); err != nil {
+			return err
+		}
+	}
+
+	d.say("\n──── 2. A pod runs fio on the data disk (%s) ────", d.dataDir())
+	d.say("It loops: fio 4k random reads, O_DIRECT, libaio, iodepth 16, %d s, then a 2 s pause; the IOPS come from fio's JSON output in the pod's log.", fioSeconds)
+	for _, ns := range []string{optedIn, notOptedIn} {
+		f := d.path("fio-" + ns + ".yaml")
+		if err := os.WriteFile(f, []byte(d.fioPod(ns)), 0o644); err != nil {
+			return err
+		}
+		if ns == optedIn {
+			d.say("\n%s:\n%s", f, indent(d.fioPod(ns), "    "))
+		}
+		if _, err := d.kubectl(ctx, "create", "-f", f); err != nil {
+			return err
+		}
+	}
+	limited, err := d.c.WaitRunning(ctx, optedIn, podName, 60*time.Second)
+	if err != nil {
+		return err
+	}
+	free, err := d.c.WaitRunning(ctx, notOptedIn, podName, 60*time.Second)
+	if err != nil {
+		return err
+	}
+	d.say("\nThe webhook stamped the resolved limits on the pod in %q (0 = unlimited):", optedIn)
+	if _, err := d.kubectl(ctx, "get", "pod", "-n", optedIn, podName, "-o", `jsonpath={.metadata.annotations.kubediskguard\.io/limits}{"\n"}`); err != nil {
+		return err
+	}
+	d.say("and nothing on the pod in %q, which did not opt in:", notOptedIn)
+	out, err := d.kubectl(ctx, "get", "pod", "-n", notOptedIn, podName, "-o", `jsonpath={.metadata.annotations}{"\n"}`)
+	if err != nil {
+		return err
+	}
+	if strings.Contains(string(out), "kubediskguard.io/limits") {
+		return fmt.Errorf("the pod in %s got limits: %s", notOptedIn, out)
+	}
+	if strings.TrimSpace(string(out)) == "" {
+		d.say("    (no annotations)")
+	}
+
+	d.say("\nThe applier wrote them into the container's blkio cgroup, for the disk holding %s (%s):", d.dataDir(), d.disk())
+	applied, err := d.waitCgroup(ctx, limited, strconv.Itoa(nsIOPS))
+	if err != nil {
+		return err
+	}
+	lim, err := d.nextRun(ctx, limited, applied)
+	if err != nil {
+		return err
+	}
+	d.say("\n  %s/%s  fio: %8.1f read IOPS   (limit %d)", optedIn, podName, lim.iops, nsIOPS)
+	freeStart := containerStarted(free)
+	fr, err := d.nextRun(ctx, free, freeStart)
+	if err != nil {
+		return err
+	}
+	d.say("  %s/%s  fio: %8.1f read IOPS   (no limit: namespace %q is not opted in)", notOptedIn, podName, fr.iops, notOptedIn)
+	d.rows = append(d.rows,
+		row{fmt.Sprintf("pod in %q (namespace default iops=%d)", optedIn, nsIOPS), fmt.Sprintf("%d read IOPS", nsIOPS), fmt.Sprintf("%.1f", lim.iops)},
+		row{fmt.Sprintf("same pod in %q (not opted in)", notOptedIn), "none", fmt.Sprintf("%.0f", fr.iops)})
+	if _, err := d.kubectl(ctx, "delete", "pod", "-n", notOptedIn, podName, "--wait=false"); err != nil {
+		return err
+	}
+
+	d.say("\n──── 3. Change the running pod's limit with kubectl annotate ────")
+	if _, err := d.kubectl(ctx, "annotate", "pod", "-n", optedIn, podName, "kubediskguard.io/read-iops="+strconv.Itoa(liveIOPS)); err != nil {
+		return err
+	}
+	d.say("The webhook resolved the pod again on this update:")
+	if _, err := d.kubectl(ctx, "get", "pod", "-n", optedIn, podName, "-o", `jsonpath={.metadata.annotations.kubediskguard\.io/limits}{"\n"}`); err != nil {
+		return err
+	}
+	d.say("and the applier changed the running container's cgroup:")
+	changed, err := d.waitCgroup(ctx, limited, strconv.Itoa(liveIOPS))
+	if err != nil {
+		return err
+	}
+	live, err := d.nextRun(ctx, limited, changed)
+	if err != nil {
+		return err
+	}
+	d.say("\n  %s/%s  next fio run: %8.1f read IOPS   (limit %d, same container, no restart)", optedIn, podName, live.iops, liveIOPS)
+	d.rows = append(d.rows, row{fmt.Sprintf("same running pod after read-iops=%d", liveIOPS), fmt.Sprintf("%d read IOPS", liveIOPS), fmt.Sprintf("%.1f", live.iops)})
+
+	d.say("\n──── 4. The applier records what it did as Events on the pod ────")
+	if err := d.waitEvents(ctx, 2); err != nil {
+		return err
+	}
+	out, err = d.c.Kubectl(ctx, "describe", "pod", "-n", optedIn, podName)
+	if err != nil {
+		return err
+	}
+	d.say("$ kubectl describe pod -n %s %s    (showing Name, Annotations and Events)", optedIn, podName)
+	d.say("%s", indent(describeExcerpt(string(out)), "    "))
+	return nil
+}
+
+func (d *demo) table() {
+	d.say("\n──── Summary: fio 4k random reads, O_DIRECT, iodepth 16, %d s, on disk %s ────\n", fioSeconds, d.disk())
+	tw := tabwriter.NewWriter(d.out, 0, 0, 3, ' ', 0)
+	fmt.Fprintln(tw, "case\tlimit\tmeasured IOPS")
+	fmt.Fprintln(tw, "----\t-----\t-------------")
+	for _, r := range d.rows {
+		fmt.Fprintf(tw, "%s\t%s\t%s\n", r.what, r.limit, r.measured)
+	}
+	tw.Flush()
+	d.say("")
+}
+
+// kubectl runs kubectl as the user would, printing the command and its output.
+func (d *demo) kubectl(ctx context.Context, args ...string) ([]byte, error) {
+	quoted := make([]string, len(args))
+	for i, a := range args {
+		quoted[i] = a
+		if strings.ContainsAny(a, ` {}"\'`) {
+			quoted[i] = "'" + a + "'"
+		}
+	}
+	d.say("$ kubectl %s", strings.Join(quoted, " "))
+	out, err := d.c.Kubectl(ctx, args...)
+	if s := strings.TrimRight(string(out), "\n"); s != "" && err == nil {
+		d.say("%s", indent(s, "    "))
+	}
+	return out, err
+}
+
+// fioPod is the workload: busybox (the cluster's local image) looping fio
+// runs. fio and its libraries come from the host, read-only: the local
+// cluster has no registry, and the node's fio is what REAL-COMPONENTS.md
+// measured.
+func (d *demo) fioPod(ns string) string {
+	script := fmt.Sprintf(`i=0; while :; do i=$((i+1)); sleep 2; `+
+		`/usr/bin/fio --name=randread --filename=/data/fio.dat --readonly --size=%dM --rw=randread --bs=4k --direct=1 --ioengine=libaio --iodepth=16 --runtime=%d --time_based --output-format=json --output=/tmp/fio.json; `+
+		`echo "=== fio run $i"; cat /tmp/fio.json; echo "=== end of fio run $i"; done`, fioFileMiB, fioSeconds)
+	return fmt.Sprintf(`apiVersion: v1
+kind: Pod
+metadata:
+  name: %[1]s
+  namespace: %[2]s
+spec:
+  nodeName: %[3]s              # the local cluster runs no scheduler
+  hostNetwork: %[4]t
+  automountServiceAccountToken: false
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: fio
+    image: %[5]s
+    imagePullPolicy: Never
+    command: [sh, -c, %[6]q]
+    volumeMounts:
+    - {name: data, mountPath: /data}
+    - {name: host-usr, mountPath: /usr, readOnly: true}       # fio and its libraries, from the host
+    - {name: host-lib, mountPath: /lib, readOnly: true}
+    - {name: host-lib64, mountPath: /lib64, readOnly: true}
+  volumes:
+  - {name: data, hostPath: {path: %[7]s, type: Directory}}  # on the data disk (DATA_MOUNT)
+  - {name: host-usr, hostPath: {path: /usr}}
+  - {name: host-lib, hostPath: {path: /lib}}
+  - {name: host-lib64, hostPath: {path: /lib64}}
+`, podName, ns, d.c.NodeName, !d.c.PodNetwork, cluster.BusyboxImage, script, d.dataDir())
+}
+
+// prepareFioFile writes the file fio reads, from this process: outside any
+// throttled cgroup, and with real blocks (reads of never-written extents
+// would not reach the disk).
+func (d *demo) prepareFioFile() error {
+	d.step("writing the %d MiB file fio reads, %s", fioFileMiB, filepath.Join(d.dataDir(), "fio.dat"))
+	f, err := os.Create(filepath.Join(d.dataDir(), "fio.dat"))
+	if err != nil {
+		return err
+	}
+	buf := make([]byte, 1<<20)
+	for i := 0; i < fioFileMiB; i++ {
+		rand.Read(buf)
+		if _, err := f.Write(buf); err != nil {
+			f.Close()
+			return err
+		}
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
+}
+
+// disk is the device number of the filesystem holding the data dir (the
+// applier limits it, or its whole disk if it is a partition).
+func (d *demo) disk() string {
+	var st syscall.Stat_t
+	if err := syscall.Stat(d.dataDir(), &st); err != nil {
+		return "?"
+	}
+	maj, min := (st.Dev>>8)&0xfff|(st.Dev>>32)&^0xfff, st.Dev&0xff|(st.Dev>>12)&^0xff
+	return fmt.Sprintf("%d:%d", maj, min)
+}
+
+// waitCgroup waits until the pod's container has want as its read IOPS
+// limit in its blkio cgroup, prints the file, and returns when it saw it.
+func (d *demo) waitCgroup(ctx context.Context, pod *corev1.Pod, want string) (time.Time, error) {
+	file := filepath.Join(cluster.BlkioCgroup(pod, cluster.ContainerID(pod, "fio")), "blkio.throttle.read_iops_device")
+	deadline := time.Now().Add(30 * time.Second)
+	var last string
+	for {
+		b, err := os.ReadFile(file)
+		last = strings.TrimSpace(string(b))
+		if err == nil {
+			for _, line := range strings.Split(last, "\n") {
+				if f := strings.Fields(line); len(f) == 2 && f[1] == want {
+					d.say("$ cat %s\n    %s", file, last)
+					return time.Now(), nil
+				}
+			}
+		}
+		if time.Now().After(deadline) {
+			return time.Time{}, fmt.Errorf("%s is %q (%v), want a line with %s after 30s: see the applier's log", file, last, err, want)
+		}
+		select {
+		case <-ctx.Done():
+			return time.Time{}, ctx.Err()
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+// fioRun is one run of the pod's fio loop.
+type fioRun struct {
+	n     int
+	start time.Time
+	iops  float64
+}
+
+// nextRun waits for the first fio run of pod that started after since, and
+// returns it. It prints a progress line while it waits.
+func (d *demo) nextRun(ctx context.Context, pod *corev1.Pod, since time.Time) (fioRun, error) {
+	fmt.Fprintf(d.out, "    waiting for a fio run in %s/%s that started after %s ", pod.Namespace, pod.Name, since.Format("15:04:05.0"))
+	defer fmt.Fprintln(d.out)
+	deadline := time.Now().Add(3 * (fioSeconds + 5) * time.Second)
+	tick := time.Now()
+	for {
+		runs, err := d.fioRuns(ctx, pod)
+		if err != nil {
+			return fioRun{}, err
+		}
+		for _, r := range runs {
+			if !r.start.Before(since) {
+				fmt.Fprintf(d.out, " run %d", r.n)
+				return r, nil
+			}
+		}
+		if time.Now().After(deadline) {
+			return fioRun{}, fmt.Errorf("no fio run in %s/%s started after %s within %s (%d runs so far; `kubectl logs` it)", pod.Namespace, pod.Name, since.Format(time.TimeOnly), 3*(fioSeconds+5)*time.Second, len(runs))
+		}
+		if time.Since(tick) >= time.Second {
+			fmt.Fprint(d.out, ".")
+			tick = time.Now()
+		}
+		select {
+		case <-ctx.Done():
+			return fioRun{}, ctx.Err()
+		case <-time.After(500 * time.Millisecond):
+		}
+	}
+}
+
+// fioRuns parses the pod's log: each run's fio JSON between
+// "=== fio run N" and "=== end of fio run N".
+func (d *demo) fioRuns(ctx context.Context, pod *corev1.Pod) ([]fioRun, error) {
+	b, err := d.c.Client.CoreV1().Pods(pod.Namespace).GetLogs(pod.Name, &corev1.PodLogOptions{Container: "fio"}).DoRaw(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("reading the log of %s/%s: %w", pod.Namespace, pod.Name, err)
+	}
+	var runs []fioRun
+	var cur *bytes.Buffer
+	n := 0
+	sc := bufio.NewScanner(bytes.NewReader(b))
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		line := sc.Text()
+		switch {
+		case strings.HasPrefix(line, "=== fio run "):
+			n, _ = strconv.Atoi(strings.TrimPrefix(line, "=== fio run "))
+			cur = &bytes.Buffer{}
+		case strings.HasPrefix(line, "=== end of fio run ") && cur != nil:
+			var out struct {
+				TimestampMS int64 `json:"timestamp_ms"`
+				Jobs        []struct {
+					Error      int   `json:"error"`
+					JobRuntime int64 `json:"job_runtime"`
+					Read       struct {
+						IOPS float64 `json:"iops"`
+					} `json:"read"`
+				} `json:"jobs"`
+			}
+			js := cur.Bytes()
+			if i := bytes.IndexByte(js, '{'); i >= 0 {
+				js = js[i:] // fio may print notes before its JSON
+			}
+			if err := json.NewDecoder(bytes.NewReader(js)).Decode(&out); err != nil || len(out.Jobs) == 0 {
+				return nil, fmt.Errorf("fio run %d in %s/%s: no fio JSON (%v): %s", n, pod.Namespace, pod.Name, err, strings.TrimSpace(cur.String()))
+			}
+			if out.Jobs[0].Error != 0 {
+				return nil, fmt.Errorf("fio run %d in %s/%s failed: error %d", n, pod.Namespace, pod.Name, out.Jobs[0].Error)
+			}
+			// timestamp_ms is when fio finished.
+			start := time.UnixMilli(out.TimestampMS - out.Jobs[0].JobRuntime)
+			runs = append(runs, fioRun{n: n, start: start, iops: out.Jobs[0].Read.IOPS})
+			cur = nil
+		case cur != nil:
+			cur.WriteString(line + "\n")
+		}
+	}
+	return runs, nil
+}
+
+func containerStarted(p *corev1.Pod) time.Time {
+	for _, cs := range p.Status.ContainerStatuses {
+		if cs.State.Running != nil {
+			return cs.State.Running.StartedAt.Time
+		}
+	}
+	return time.Time{}
+}
+
+// waitEvents waits until the applier has recorded n IOLimitsApplied Events
+// on the opted-in pod (the Event recorder sends them asynchronously).
+func (d *demo) waitEvents(ctx context.Context, n int) error {
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		evs, err := d.c.Client.CoreV1().Events(optedIn).List(ctx, metav1.ListOptions{FieldSelector: "involvedObject.name=" + podName + ",reason=IOLimitsApplied"})
+		if err == nil {
+			count := 0
+			for _, e := range evs.Items {
+				count += max(int(e.Count), 1)
+			}
+			if count >= n {
+				return nil
+			}
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("fewer than %d IOLimitsApplied Events on %s/%s after 20s (%v)", n, optedIn, podName, err)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}
+
+// describeExcerpt keeps the Name, Namespace and Annotations lines and the
+// Events section of `kubectl describe pod`.
+func describeExcerpt(s string) string {
+	var out []string
+	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
+	inAnn := false
+	for i, l := range lines {
+		switch {
+		case strings.HasPrefix(l, "Name:"), strings.HasPrefix(l, "Namespace:"):
+			out = append(out, l)
+		case strings.HasPrefix(l, "Annotations:"):
+			out = append(out, l)
+			inAnn = true
+		case inAnn && strings.HasPrefix(l, " "):
+			out = append(out, l)
+		case strings.HasPrefix(l, "Events:"):
+			out = append(out, "[…]")
+			return strings.Join(append(out, lines[i:]...), "\n")
+		default:
+			inAnn = false
+		}
+	}
+	return strings.Join(out, "\n")
+}
+
+// ---- KubeDiskGuard's two binaries ----
+
+// startWebhook serves the webhook on a free local port with a certificate
+// for 127.0.0.1 signed by the cluster CA, and registers the shipped
+// MutatingWebhookConfiguration with its clientConfig pointed at it (there is
+// no kube-proxy to reach a Service).
+func (d *demo) startWebhook(ctx context.Context) error {
+	d.step("starting kubediskguard-webhook")
+	ca, err := d.c.CA()
+	if err != nil {
+		return err
+	}
+	serving, err := ca.Issue([]string{"127.0.0.1", "localhost"}, 24*time.Hour)
+	if err != nil {
+		return err
+	}
+	certDir := d.path("webhook-certs")
+	if err := pki.WriteDir(certDir, serving, ca); err != nil {
+		return err
+	}
+	ports, err := freePorts(3)
+	if err != nil {
+		return err
+	}
+	probe := fmt.Sprintf("127.0.0.1:%d", ports[2])
+	if err := d.start(ctx, "kubediskguard-webhook", nil,
+		"--kubeconfig="+d.c.Kubeconfig,
+		"--cert-dir="+certDir,
+		fmt.Sprintf("--port=%d", ports[0]),
+		fmt.Sprintf("--metrics-bind-address=127.0.0.1:%d", ports[1]),
+		"--health-probe-bind-address="+probe,
+	); err != nil {
+		return err
+	}
+	if err := d.waitReady(ctx, "kubediskguard-webhook", probe); err != nil {
+		return err
+	}
+
+	raw, err := os.ReadFile(d.manifest)
+	if err != nil {
+		return err
+	}
+	var mwc admissionv1.MutatingWebhookConfiguration
+	if err := yaml.UnmarshalStrict(raw, &mwc); err != nil {
+		return fmt.Errorf("%s: %w", d.manifest, err)
+	}
+	url := fmt.Sprintf("https://127.0.0.1:%d/mutate-v1-pod", ports[0])
+	for i := range mwc.Webhooks {
+		mwc.Webhooks[i].ClientConfig = admissionv1.WebhookClientConfig{URL: &url, CABundle: ca.PEM}
+	}
+	out, err := yaml.Marshal(&mwc)
+	if err != nil {
+		return err
+	}
+	f := d.path("mutatingwebhookconfiguration.yaml")
+	if err := os.WriteFile(f, out, 0o644); err != nil {
+		return err
+	}
+	d.say("    registering %s with clientConfig.url %s and the cluster CA as caBundle", d.manifest, url)
+	if _, err := d.c.Kubectl(ctx, "apply", "-f", f); err != nil {
+		return err
+	}
+	return nil
+}
+
+// startApplier runs the applier as the DaemonSet would: this node, the
+// cluster's containerd, the data disk's mount.
+func (d *demo) startApplier(ctx context.Context) error {
+	d.step("starting kubediskguard-applier (DATA_MOUNT=%s)", d.dataDir())
+	ports, err := freePorts(2)
+	if err != nil {
+		return err
+	}
+	probe := fmt.Sprintf("127.0.0.1:%d", ports[1])
+	env := append(d.c.Env(), "DATA_MOUNT="+d.dataDir(), "CHECK_INTERVAL=5")
+	if err := d.start(ctx, "kubediskguard-applier", env,
+		fmt.Sprintf("--metrics-bind-address=127.0.0.1:%d", ports[0]),
+		"--health-probe-bind-address="+probe,
+	); err != nil {
+		return err
+	}
+	return d.waitReady(ctx, "kubediskguard-applier", probe)
+}
+
+// proc is a binary the demo started.
+type proc struct {
+	Name      string `json:"name"`
+	PID       int    `json:"pid"`
+	StartTime string `json:"startTime"` // from /proc/PID/stat: never signal a recycled PID
+	exited    chan struct{}
+}
+
+func procsFile(dir string) string { return filepath.Join(dir, "procs.json") }
+
+func (d *demo) start(ctx context.Context, name string, env []string, args ...string) error {
+	logf, err := os.Create(d.path("logs", name+".log"))
+	if err != nil {
+		return err
+	}
+	defer logf.Close()
+	cmd := exec.Command(filepath.Join(d.binDir, name), args...)
+	cmd.Env = append(os.Environ(), env...)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	// Its own process group: a Ctrl-C reaches the demo, which stops it in order.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		return err
+	}
+	p := &proc{Name: name, PID: cmd.Process.Pid, StartTime: startTime(cmd.Process.Pid), exited: make(chan struct{})}
+	go func() { cmd.Wait(); close(p.exited) }()
+	d.procs = append(d.procs, p)
+	b, _ := json.Marshal(d.procs)
+	return os.WriteFile(procsFile(d.dir), b, 0o644)
+}
+
+// waitReady polls the binary's /readyz.
+func (d *demo) waitReady(ctx context.Context, name, probe string) error {
+	p := d.procs[len(d.procs)-1]
+	deadline := time.Now().Add(60 * time.Second)
+	var last string
+	for {
+		resp, err := (&http.Client{Timeout: 2 * time.Second}).Get("http://" + probe + "/readyz")
+		if err == nil {
+			b, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				d.say("    %s ready (pid %d, log %s)", name, p.PID, d.path("logs", name+".log"))
+				return nil
+			}
+			last = fmt.Sprintf("%d %s", resp.StatusCode, strings.TrimSpace(string(b)))
+		} else {
+			last = err.Error()
+		}
+		select {
+		case <-p.exited:
+			return fmt.Errorf("%s exited at start; its log:\n%s", name, tail(d.path("logs", name+".log"), 20))
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(200 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%s not ready after 60s (/readyz: %s); its log:\n%s", name, last, tail(d.path("logs", name+".log"), 20))
+		}
+	}
+}
+
+// ---- teardown ----
+
+// cleanup stops the binaries, tears the cluster down (which undoes its host
+// changes), keeps the logs and removes the state dir.
+func (d *demo) cleanup() error {
+	var errs []error
+	if len(d.procs) > 0 || d.c != nil {
+		d.step("cleaning up: stopping KubeDiskGuard and the cluster, removing %s", d.dir)
+	}
+	for i := len(d.procs) - 1; i >= 0; i-- {
+		stopProc(d.procs[i])
+	}
+	if _, err := os.Stat(filepath.Join(d.clusterDir(), "state.json")); err == nil {
+		if err := cluster.Down(d.clusterDir(), prefixWriter{d.out, "    "}); err != nil {
+			errs = append(errs, fmt.Errorf("cluster teardown: %w", err))
+		}
+	}
+	if err := d.keepLogs(); err != nil {
+		errs = append(errs, fmt.Errorf("keeping the logs: %w", err))
+	}
+	if m := cluster.MountsUnder(d.dir); len(m) > 0 {
+		errs = append(errs, fmt.Errorf("mounts left under %s, not removing it: %v", d.dir, m))
+	} else if err := removeOwnDir(d.dir); err != nil {
+		errs = append(errs, err)
+	}
+	return errors.Join(errs...)
+}
+
+// recover cleans up after an earlier run that was killed before it could.
+func (d *demo) recover() error {
+	if b, err := os.ReadFile(procsFile(d.dir)); err == nil {
+		var old []*proc
+		if json.Unmarshal(b, &old) == nil {
+			for _, p := range old {
+				if p.PID > 0 && startTime(p.PID) == p.StartTime {
+					d.step("stopping %s (pid %d) left by an earlier run", p.Name, p.PID)
+					p.exited = make(chan struct{})
+					go func(p *proc) {
+						for startTime(p.PID) == p.StartTime {
+							time.Sleep(100 * time.Millisecond)
+						}
+						close(p.exited)
+					}(p)
+					stopProc(p)
+				}
+			}
+		}
+	}
+	if _, err := os.Stat(filepath.Join(d.clusterDir(), "state.json")); err == nil {
+		d.step("tearing down the cluster an earlier run left in %s", d.clusterDir())
+		if err := cluster.Down(d.clusterDir(), prefixWriter{d.out, "    "}); err != nil {
+			return fmt.Errorf("tearing down the earlier cluster: %w", err)
+		}
+	}
+	if m := cluster.MountsUnder(d.dir); len(m) > 0 {
+		return fmt.Errorf("mounts left under %s (%v): unmount them first", d.dir, m)
+	}
+	return removeOwnDir(d.dir)
+}
+
+// ownEntries are the names the demo writes in its state dir.
+var ownEntries = map[string]bool{
+	"cluster": true, "data": true, "logs": true, "webhook-certs": true, "procs.json": true,
+	"fio-" + optedIn + ".yaml": true, "fio-" + notOptedIn + ".yaml": true, "mutatingwebhookconfiguration.yaml": true,
+}
+
+// removeOwnDir removes the state dir, refusing one holding anything the demo
+// did not write (a mistyped -dir).
+func removeOwnDir(dir string) error {
+	ents, err := os.ReadDir(dir)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	for _, e := range ents {
+		if !ownEntries[e.Name()] {
+			return fmt.Errorf("%s holds %s, which the demo did not write: not removing it (choose another -dir)", dir, e.Name())
+		}
+	}
+	return os.RemoveAll(dir)
+}
+
+func stopProc(p *proc) {
+	if startTime(p.PID) != p.StartTime {
+		return
+	}
+	syscall.Kill(p.PID, syscall.SIGTERM)
+	select {
+	case <-p.exited:
+	case <-time.After(10 * time.Second):
+		syscall.Kill(p.PID, syscall.SIGKILL)
+		<-p.exited
+	}
+}
+
+// keepLogs copies the run's logs (the binaries' and the cluster's) into
+// d.logsDir, replacing the previous run's.
+func (d *demo) keepLogs() error {
+	if err := os.RemoveAll(d.logsDir); err != nil {
+		return err
+	}
+	var errs []error
+	for _, src := range []string{d.path("logs"), filepath.Join(d.clusterDir(), "logs")} {
+		ents, err := os.ReadDir(src)
+		if err != nil {
+			continue
+		}
+		if err := os.MkdirAll(d.logsDir, 0o755); err != nil {
+			return err
+		}
+		for _, e := range ents {
+			if e.Type().IsRegular() {
+				b, err := os.ReadFile(filepath.Join(src, e.Name()))
+				if err == nil {
+					err = os.WriteFile(filepath.Join(d.logsDir, e.Name()), b, 0o644)
+				}
+				errs = append(errs, err)
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// ---- small helpers ----
+
+// startTime is field 22 of /proc/PID/stat ("" if the process is gone).
+func startTime(pid int) string {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return ""
+	}
+	s := string(b)
+	if i := strings.LastIndexByte(s, ')'); i >= 0 {
+		if f := strings.Fields(s[i+1:]); len(f) > 19 {
+			return f[19]
+		}
+	}
+	return ""
+}
+
+func freePorts(n int) ([]int, error) {
+	var ports []int
+	var ls []net.Listener
+	defer func() {
+		for _, l := range ls {
+			l.Close()
+		}
+	}()
+	for range n {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return nil, err
+		}
+		ls = append(ls, l)
+		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
+	}
+	return ports, nil
+}
+
+func tail(file string, n int) string {
+	b, _ := os.ReadFile(file)
+	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return indent(strings.Join(lines, "\n"), "    ")
+}
+
+func indent(s, prefix string) string {
+	s = strings.TrimRight(s, "\n")
+	return prefix + strings.ReplaceAll(s, "\n", "\n"+prefix)
+}
+
+// prefixWriter indents the cluster harness's progress lines.
+type prefixWriter struct {
+	w      io.Writer
+	prefix string
+}
+
+func (p prefixWriter) Write(b []byte) (int, error) {
+	_, err := io.WriteString(p.w, indent(string(b), p.prefix)+"\n")
+	return len(b), err
+}

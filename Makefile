@@ -50,7 +50,7 @@ vm-kernel:
 	bash hack/vm-kernel.sh $(VM_DIR)
 
 ## test: every test, real components included (CI=true: nothing may skip)
-test: host-deps test-bins vm-kernel lint
+test: host-deps test-bins vm-kernel build lint
 	$(GO) test $(GOTEST_FLAGS) ./...
 
 ## unit-test: only the tests that need no real component

@@ -23,19 +23,13 @@
 package main
 
 import (
-	"bufio"
-	"bytes"
 	"context"
-	"crypto/rand"
 	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
-	"net"
-	"net/http"
 	"os"
-	"os/exec"
 	"os/signal"
 	"path/filepath"
 	"strconv"
@@ -44,13 +38,11 @@ import (
 	"text/tabwriter"
 	"time"
 
-	admissionv1 "k8s.io/api/admissionregistration/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"sigs.k8s.io/yaml"
 
-	"github.com/kubediskguard/kubediskguard/certs/pki"
 	"github.com/kubediskguard/kubediskguard/hack/cluster"
+	"github.com/kubediskguard/kubediskguard/hack/kdg"
 )
 
 // The story's settings.
@@ -124,7 +116,7 @@ type demo struct {
 	dir, binDir, logsDir, manifest string
 
 	c     *cluster.Cluster
-	procs []*proc // webhook, applier: stopped in reverse order
+	procs []*kdg.Proc // webhook, applier: stopped in reverse order
 	rows  []row
 }
 
@@ -250,16 +242,16 @@ func (d *demo) story(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	d.say("\n  %s/%s  fio: %8.1f read IOPS   (limit %d)", optedIn, podName, lim.iops, nsIOPS)
+	d.say("\n  %s/%s  fio: %8.1f read IOPS   (limit %d)", optedIn, podName, lim.ReadIOPS, nsIOPS)
 	freeStart := containerStarted(free)
 	fr, err := d.nextRun(ctx, free, freeStart)
 	if err != nil {
 		return err
 	}
-	d.say("  %s/%s  fio: %8.1f read IOPS   (no limit: namespace %q is not opted in)", notOptedIn, podName, fr.iops, notOptedIn)
+	d.say("  %s/%s  fio: %8.1f read IOPS   (no limit: namespace %q is not opted in)", notOptedIn, podName, fr.ReadIOPS, notOptedIn)
 	d.rows = append(d.rows,
-		row{fmt.Sprintf("pod in %q (namespace default iops=%d)", optedIn, nsIOPS), fmt.Sprintf("%d read IOPS", nsIOPS), fmt.Sprintf("%.1f", lim.iops)},
-		row{fmt.Sprintf("same pod in %q (not opted in)", notOptedIn), "none", fmt.Sprintf("%.0f", fr.iops)})
+		row{fmt.Sprintf("pod in %q (namespace default iops=%d)", optedIn, nsIOPS), fmt.Sprintf("%d read IOPS", nsIOPS), fmt.Sprintf("%.1f", lim.ReadIOPS)},
+		row{fmt.Sprintf("same pod in %q (not opted in)", notOptedIn), "none", fmt.Sprintf("%.0f", fr.ReadIOPS)})
 	if _, err := d.kubectl(ctx, "delete", "pod", "-n", notOptedIn, podName, "--wait=false"); err != nil {
 		return err
 	}
@@ -281,8 +273,8 @@ func (d *demo) story(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	d.say("\n  %s/%s  next fio run: %8.1f read IOPS   (limit %d, same container, no restart)", optedIn, podName, live.iops, liveIOPS)
-	d.rows = append(d.rows, row{fmt.Sprintf("same running pod after read-iops=%d", liveIOPS), fmt.Sprintf("%d read IOPS", liveIOPS), fmt.Sprintf("%.1f", live.iops)})
+	d.say("\n  %s/%s  next fio run: %8.1f read IOPS   (limit %d, same container, no restart)", optedIn, podName, live.ReadIOPS, liveIOPS)
+	d.rows = append(d.rows, row{fmt.Sprintf("same running pod after read-iops=%d", liveIOPS), fmt.Sprintf("%d read IOPS", liveIOPS), fmt.Sprintf("%.1f", live.ReadIOPS)})
 
 	d.say("\n──── 4. The applier records what it did as Events on the pod ────")
 	if err := d.waitEvents(ctx, 2); err != nil {
@@ -363,27 +355,10 @@ spec:
 }
 
 // prepareFioFile writes the file fio reads, from this process: outside any
-// throttled cgroup, and with real blocks (reads of never-written extents
-// would not reach the disk).
+// throttled cgroup, and with real blocks.
 func (d *demo) prepareFioFile() error {
 	d.step("writing the %d MiB file fio reads, %s", fioFileMiB, filepath.Join(d.dataDir(), "fio.dat"))
-	f, err := os.Create(filepath.Join(d.dataDir(), "fio.dat"))
-	if err != nil {
-		return err
-	}
-	buf := make([]byte, 1<<20)
-	for i := 0; i < fioFileMiB; i++ {
-		rand.Read(buf)
-		if _, err := f.Write(buf); err != nil {
-			f.Close()
-			return err
-		}
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	return f.Close()
+	return kdg.WriteDataFile(filepath.Join(d.dataDir(), "fio.dat"), fioFileMiB)
 }
 
 // disk is the device number of the filesystem holding the data dir (the
@@ -425,33 +400,26 @@ func (d *demo) waitCgroup(ctx context.Context, pod *corev1.Pod, want string) (ti
 	}
 }
 
-// fioRun is one run of the pod's fio loop.
-type fioRun struct {
-	n     int
-	start time.Time
-	iops  float64
-}
-
 // nextRun waits for the first fio run of pod that started after since, and
 // returns it. It prints a progress line while it waits.
-func (d *demo) nextRun(ctx context.Context, pod *corev1.Pod, since time.Time) (fioRun, error) {
+func (d *demo) nextRun(ctx context.Context, pod *corev1.Pod, since time.Time) (kdg.FioRun, error) {
 	fmt.Fprintf(d.out, "    waiting for a fio run in %s/%s that started after %s ", pod.Namespace, pod.Name, since.Format("15:04:05.0"))
 	defer fmt.Fprintln(d.out)
 	deadline := time.Now().Add(3 * (fioSeconds + 5) * time.Second)
 	tick := time.Now()
 	for {
-		runs, err := d.fioRuns(ctx, pod)
+		runs, err := kdg.FioRuns(ctx, d.c.Client, pod, "fio")
 		if err != nil {
-			return fioRun{}, err
+			return kdg.FioRun{}, err
 		}
 		for _, r := range runs {
-			if !r.start.Before(since) {
-				fmt.Fprintf(d.out, " run %d", r.n)
+			if !r.Start.Before(since) {
+				fmt.Fprintf(d.out, " run %d", r.N)
 				return r, nil
 			}
 		}
 		if time.Now().After(deadline) {
-			return fioRun{}, fmt.Errorf("no fio run in %s/%s started after %s within %s (%d runs so far; `kubectl logs` it)", pod.Namespace, pod.Name, since.Format(time.TimeOnly), 3*(fioSeconds+5)*time.Second, len(runs))
+			return kdg.FioRun{}, fmt.Errorf("no fio run in %s/%s started after %s within %s (%d runs so far; `kubectl logs` it)", pod.Namespace, pod.Name, since.Format(time.TimeOnly), 3*(fioSeconds+5)*time.Second, len(runs))
 		}
 		if time.Since(tick) >= time.Second {
 			fmt.Fprint(d.out, ".")
@@ -459,60 +427,10 @@ func (d *demo) nextRun(ctx context.Context, pod *corev1.Pod, since time.Time) (f
 		}
 		select {
 		case <-ctx.Done():
-			return fioRun{}, ctx.Err()
+			return kdg.FioRun{}, ctx.Err()
 		case <-time.After(500 * time.Millisecond):
 		}
 	}
-}
-
-// fioRuns parses the pod's log: each run's fio JSON between
-// "=== fio run N" and "=== end of fio run N".
-func (d *demo) fioRuns(ctx context.Context, pod *corev1.Pod) ([]fioRun, error) {
-	b, err := d.c.Client.CoreV1().Pods(pod.Namespace).GetLogs(pod.Name, &corev1.PodLogOptions{Container: "fio"}).DoRaw(ctx)
-	if err != nil {
-		return nil, fmt.Errorf("reading the log of %s/%s: %w", pod.Namespace, pod.Name, err)
-	}
-	var runs []fioRun
-	var cur *bytes.Buffer
-	n := 0
-	sc := bufio.NewScanner(bytes.NewReader(b))
-	sc.Buffer(make([]byte, 1<<20), 1<<20)
-	for sc.Scan() {
-		line := sc.Text()
-		switch {
-		case strings.HasPrefix(line, "=== fio run "):
-			n, _ = strconv.Atoi(strings.TrimPrefix(line, "=== fio run "))
-			cur = &bytes.Buffer{}
-		case strings.HasPrefix(line, "=== end of fio run ") && cur != nil:
-			var out struct {
-				TimestampMS int64 `json:"timestamp_ms"`
-				Jobs        []struct {
-					Error      int   `json:"error"`
-					JobRuntime int64 `json:"job_runtime"`
-					Read       struct {
-						IOPS float64 `json:"iops"`
-					} `json:"read"`
-				} `json:"jobs"`
-			}
-			js := cur.Bytes()
-			if i := bytes.IndexByte(js, '{'); i >= 0 {
-				js = js[i:] // fio may print notes before its JSON
-			}
-			if err := json.NewDecoder(bytes.NewReader(js)).Decode(&out); err != nil || len(out.Jobs) == 0 {
-				return nil, fmt.Errorf("fio run %d in %s/%s: no fio JSON (%v): %s", n, pod.Namespace, pod.Name, err, strings.TrimSpace(cur.String()))
-			}
-			if out.Jobs[0].Error != 0 {
-				return nil, fmt.Errorf("fio run %d in %s/%s failed: error %d", n, pod.Namespace, pod.Name, out.Jobs[0].Error)
-			}
-			// timestamp_ms is when fio finished.
-			start := time.UnixMilli(out.TimestampMS - out.Jobs[0].JobRuntime)
-			runs = append(runs, fioRun{n: n, start: start, iops: out.Jobs[0].Read.IOPS})
-			cur = nil
-		case cur != nil:
-			cur.WriteString(line + "\n")
-		}
-	}
-	return runs, nil
 }
 
 func containerStarted(p *corev1.Pod) time.Time {
@@ -578,147 +496,47 @@ func describeExcerpt(s string) string {
 // ---- KubeDiskGuard's two binaries ----
 
 // startWebhook serves the webhook on a free local port with a certificate
-// for 127.0.0.1 signed by the cluster CA, and registers the shipped
+// signed by the cluster CA, and registers the shipped
 // MutatingWebhookConfiguration with its clientConfig pointed at it (there is
-// no kube-proxy to reach a Service).
+// no kube-proxy to reach a Service). See hack/kdg.
 func (d *demo) startWebhook(ctx context.Context) error {
 	d.step("starting kubediskguard-webhook")
-	ca, err := d.c.CA()
+	w, err := kdg.StartWebhook(ctx, d.c, filepath.Join(d.binDir, "kubediskguard-webhook"), d.path("webhook-certs"), d.path("logs", "kubediskguard-webhook.log"))
+	if w != nil && w.Proc.PID > 0 {
+		if err := d.started(w.Proc); err != nil {
+			return err
+		}
+	}
 	if err != nil {
 		return err
 	}
-	serving, err := ca.Issue([]string{"127.0.0.1", "localhost"}, 24*time.Hour)
-	if err != nil {
-		return err
-	}
-	certDir := d.path("webhook-certs")
-	if err := pki.WriteDir(certDir, serving, ca); err != nil {
-		return err
-	}
-	ports, err := freePorts(3)
-	if err != nil {
-		return err
-	}
-	probe := fmt.Sprintf("127.0.0.1:%d", ports[2])
-	if err := d.start(ctx, "kubediskguard-webhook", nil,
-		"--kubeconfig="+d.c.Kubeconfig,
-		"--cert-dir="+certDir,
-		fmt.Sprintf("--port=%d", ports[0]),
-		fmt.Sprintf("--metrics-bind-address=127.0.0.1:%d", ports[1]),
-		"--health-probe-bind-address="+probe,
-	); err != nil {
-		return err
-	}
-	if err := d.waitReady(ctx, "kubediskguard-webhook", probe); err != nil {
-		return err
-	}
-
-	raw, err := os.ReadFile(d.manifest)
-	if err != nil {
-		return err
-	}
-	var mwc admissionv1.MutatingWebhookConfiguration
-	if err := yaml.UnmarshalStrict(raw, &mwc); err != nil {
-		return fmt.Errorf("%s: %w", d.manifest, err)
-	}
-	url := fmt.Sprintf("https://127.0.0.1:%d/mutate-v1-pod", ports[0])
-	for i := range mwc.Webhooks {
-		mwc.Webhooks[i].ClientConfig = admissionv1.WebhookClientConfig{URL: &url, CABundle: ca.PEM}
-	}
-	out, err := yaml.Marshal(&mwc)
-	if err != nil {
-		return err
-	}
-	f := d.path("mutatingwebhookconfiguration.yaml")
-	if err := os.WriteFile(f, out, 0o644); err != nil {
-		return err
-	}
-	d.say("    registering %s with clientConfig.url %s and the cluster CA as caBundle", d.manifest, url)
-	if _, err := d.c.Kubectl(ctx, "apply", "-f", f); err != nil {
-		return err
-	}
-	return nil
+	d.say("    kubediskguard-webhook ready (pid %d, log %s)", w.PID, w.Log)
+	d.say("    registering %s with clientConfig.url %s and the cluster CA as caBundle", d.manifest, w.URL)
+	return w.Register(ctx, d.c, d.manifest, d.path("mutatingwebhookconfiguration.yaml"))
 }
 
 // startApplier runs the applier as the DaemonSet would: this node, the
 // cluster's containerd, the data disk's mount.
 func (d *demo) startApplier(ctx context.Context) error {
 	d.step("starting kubediskguard-applier (DATA_MOUNT=%s)", d.dataDir())
-	ports, err := freePorts(2)
+	p, err := kdg.StartApplier(ctx, d.c, filepath.Join(d.binDir, "kubediskguard-applier"), d.dataDir(), d.path("logs", "kubediskguard-applier.log"), "CHECK_INTERVAL=5")
 	if err != nil {
 		return err
 	}
-	probe := fmt.Sprintf("127.0.0.1:%d", ports[1])
-	env := append(d.c.Env(), "DATA_MOUNT="+d.dataDir(), "CHECK_INTERVAL=5")
-	if err := d.start(ctx, "kubediskguard-applier", env,
-		fmt.Sprintf("--metrics-bind-address=127.0.0.1:%d", ports[0]),
-		"--health-probe-bind-address="+probe,
-	); err != nil {
+	if err := d.started(p); err != nil {
 		return err
 	}
-	return d.waitReady(ctx, "kubediskguard-applier", probe)
-}
-
-// proc is a binary the demo started.
-type proc struct {
-	Name      string `json:"name"`
-	PID       int    `json:"pid"`
-	StartTime string `json:"startTime"` // from /proc/PID/stat: never signal a recycled PID
-	exited    chan struct{}
+	d.say("    kubediskguard-applier ready (pid %d, log %s)", p.PID, p.Log)
+	return nil
 }
 
 func procsFile(dir string) string { return filepath.Join(dir, "procs.json") }
 
-func (d *demo) start(ctx context.Context, name string, env []string, args ...string) error {
-	logf, err := os.Create(d.path("logs", name+".log"))
-	if err != nil {
-		return err
-	}
-	defer logf.Close()
-	cmd := exec.Command(filepath.Join(d.binDir, name), args...)
-	cmd.Env = append(os.Environ(), env...)
-	cmd.Stdout, cmd.Stderr = logf, logf
-	// Its own process group: a Ctrl-C reaches the demo, which stops it in order.
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
-	if err := cmd.Start(); err != nil {
-		return err
-	}
-	p := &proc{Name: name, PID: cmd.Process.Pid, StartTime: startTime(cmd.Process.Pid), exited: make(chan struct{})}
-	go func() { cmd.Wait(); close(p.exited) }()
+// started records p in procs.json, for recover after a crash.
+func (d *demo) started(p *kdg.Proc) error {
 	d.procs = append(d.procs, p)
 	b, _ := json.Marshal(d.procs)
 	return os.WriteFile(procsFile(d.dir), b, 0o644)
-}
-
-// waitReady polls the binary's /readyz.
-func (d *demo) waitReady(ctx context.Context, name, probe string) error {
-	p := d.procs[len(d.procs)-1]
-	deadline := time.Now().Add(60 * time.Second)
-	var last string
-	for {
-		resp, err := (&http.Client{Timeout: 2 * time.Second}).Get("http://" + probe + "/readyz")
-		if err == nil {
-			b, _ := io.ReadAll(resp.Body)
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				d.say("    %s ready (pid %d, log %s)", name, p.PID, d.path("logs", name+".log"))
-				return nil
-			}
-			last = fmt.Sprintf("%d %s", resp.StatusCode, strings.TrimSpace(string(b)))
-		} else {
-			last = err.Error()
-		}
-		select {
-		case <-p.exited:
-			return fmt.Errorf("%s exited at start; its log:\n%s", name, tail(d.path("logs", name+".log"), 20))
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(200 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("%s not ready after 60s (/readyz: %s); its log:\n%s", name, last, tail(d.path("logs", name+".log"), 20))
-		}
-	}
 }
 
 // ---- teardown ----
@@ -731,7 +549,7 @@ func (d *demo) cleanup() error {
 		d.step("cleaning up: stopping KubeDiskGuard and the cluster, removing %s", d.dir)
 	}
 	for i := len(d.procs) - 1; i >= 0; i-- {
-		stopProc(d.procs[i])
+		d.procs[i].Stop()
 	}
 	if _, err := os.Stat(filepath.Join(d.clusterDir(), "state.json")); err == nil {
 		if err := cluster.Down(d.clusterDir(), prefixWriter{d.out, "    "}); err != nil {
@@ -752,19 +570,13 @@ func (d *demo) cleanup() error {
 // recover cleans up after an earlier run that was killed before it could.
 func (d *demo) recover() error {
 	if b, err := os.ReadFile(procsFile(d.dir)); err == nil {
-		var old []*proc
+		var old []*kdg.Proc
 		if json.Unmarshal(b, &old) == nil {
 			for _, p := range old {
-				if p.PID > 0 && startTime(p.PID) == p.StartTime {
+				if p.Alive() {
 					d.step("stopping %s (pid %d) left by an earlier run", p.Name, p.PID)
-					p.exited = make(chan struct{})
-					go func(p *proc) {
-						for startTime(p.PID) == p.StartTime {
-							time.Sleep(100 * time.Millisecond)
-						}
-						close(p.exited)
-					}(p)
-					stopProc(p)
+					kdg.Adopt(p)
+					p.Stop()
 				}
 			}
 		}
@@ -805,19 +617,6 @@ func removeOwnDir(dir string) error {
 	return os.RemoveAll(dir)
 }
 
-func stopProc(p *proc) {
-	if startTime(p.PID) != p.StartTime {
-		return
-	}
-	syscall.Kill(p.PID, syscall.SIGTERM)
-	select {
-	case <-p.exited:
-	case <-time.After(10 * time.Second):
-		syscall.Kill(p.PID, syscall.SIGKILL)
-		<-p.exited
-	}
-}
-
 // keepLogs copies the run's logs (the binaries' and the cluster's) into
 // d.logsDir, replacing the previous run's.
 func (d *demo) keepLogs() error {
@@ -847,49 +646,6 @@ func (d *demo) keepLogs() error {
 }
 
 // ---- small helpers ----
-
-// startTime is field 22 of /proc/PID/stat ("" if the process is gone).
-func startTime(pid int) string {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return ""
-	}
-	s := string(b)
-	if i := strings.LastIndexByte(s, ')'); i >= 0 {
-		if f := strings.Fields(s[i+1:]); len(f) > 19 {
-			return f[19]
-		}
-	}
-	return ""
-}
-
-func freePorts(n int) ([]int, error) {
-	var ports []int
-	var ls []net.Listener
-	defer func() {
-		for _, l := range ls {
-			l.Close()
-		}
-	}()
-	for range n {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			return nil, err
-		}
-		ls = append(ls, l)
-		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
-	}
-	return ports, nil
-}
-
-func tail(file string, n int) string {
-	b, _ := os.ReadFile(file)
-	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
-	if len(lines) > n {
-		lines = lines[len(lines)-n:]
-	}
-	return indent(strings.Join(lines, "\n"), "    ")
-}
 
 func indent(s, prefix string) string {
 	s = strings.TrimRight(s, "\n")

@@ -1,0 +1,390 @@
+// Package e2e is KubeDiskGuard's end-to-end test: the real single-node
+// cluster of hack/cluster, the built webhook and applier run against it as a
+// deployment configures them (hack/kdg, shared with `make demo`), and fio in
+// pods measuring what the kernel's block throttle lets through.
+//
+//	make build test-bins && KUBEBUILDER_ASSETS=$PWD/.cache/bin/k8s-v1.36.3 go test -count=1 -v ./hack/e2e/
+//
+// One cluster serves the whole package (TestE2E's subtests) and is torn down
+// at its end. It holds realtest.HostLock throughout; skipped with -short;
+// under CI=true a missing component fails it.
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"math"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/kubediskguard/kubediskguard/hack/cluster"
+	"github.com/kubediskguard/kubediskguard/hack/kdg"
+	"github.com/kubediskguard/kubediskguard/shared/realtest"
+)
+
+const (
+	optedIn    = "e2e-on"
+	notOptedIn = "e2e-off"
+	nsIOPS     = 200 // optedIn's default, kubediskguard.io/iops
+	dbRead     = 100 // container.kubediskguard.io/db
+	dbWrite    = 50
+	fioSeconds = 4
+	fioFileMiB = 64
+	tolerance  = 0.10
+	repoRoot   = "../.."
+)
+
+// env is the package's cluster with KubeDiskGuard running on it.
+type env struct {
+	c       *cluster.Cluster
+	dir     string
+	webhook *kdg.Webhook
+	applier *kdg.Proc
+}
+
+func (e *env) data(parts ...string) string {
+	return filepath.Join(append([]string{e.dir, "data"}, parts...)...)
+}
+
+func TestE2E(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts a real cluster and measures disk IO; not with -short")
+	}
+	realtest.Root(t)
+	realtest.HostLock(t) // one kubelet; no other package's runtimes or kubepods cgroups meanwhile
+	e := setUp(t)
+
+	t.Run("Throttle", e.testThrottle)
+	t.Run("WebhookDown", e.testWebhookDown)
+}
+
+func setUp(t *testing.T) *env {
+	assets := realtest.KubeAssets(t, "etcd", "kube-apiserver", "kubelet", "kubectl")
+	cfg := cluster.Config{BinDir: assets, Log: testWriter{t}}
+	for _, m := range cfg.Missing() {
+		realtest.Missing(t, m, "make host-deps test-bins")
+	}
+	bin, err := filepath.Abs(filepath.Join(repoRoot, "bin"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, b := range []string{"kubediskguard-webhook", "kubediskguard-applier"} {
+		if _, err := os.Stat(filepath.Join(bin, b)); err != nil {
+			realtest.Missing(t, "bin/"+b, "make build")
+		}
+	}
+	if _, err := exec.LookPath("fio"); err != nil {
+		realtest.Missing(t, "fio", "apt-get install fio (make host-deps)")
+	}
+	// On a disk, not tmpfs: the data dir's disk is what gets limited.
+	dir, err := os.MkdirTemp("/var/tmp", "kdg-e2e-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := &env{dir: dir}
+	for _, sub := range []string{"data", "logs"} {
+		if err := os.MkdirAll(filepath.Join(dir, sub), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cfg.Dir = filepath.Join(dir, "cluster")
+	t.Cleanup(func() { e.tearDown(t) })
+
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	if e.c, err = cluster.Up(ctx, cfg); err != nil {
+		t.Fatalf("cluster up: %v", err)
+	}
+	if e.webhook, err = kdg.StartWebhook(ctx, e.c, filepath.Join(bin, "kubediskguard-webhook"), filepath.Join(dir, "webhook-certs"), filepath.Join(dir, "logs", "webhook.log")); err != nil {
+		t.Fatalf("webhook: %v", err)
+	}
+	if err := e.webhook.Register(ctx, e.c, filepath.Join(repoRoot, "manifests/webhook/mutatingwebhookconfiguration.yaml"), filepath.Join(dir, "mwc.yaml")); err != nil {
+		t.Fatalf("registering the webhook: %v", err)
+	}
+	if e.applier, err = kdg.StartApplier(ctx, e.c, filepath.Join(bin, "kubediskguard-applier"), e.data(), filepath.Join(dir, "logs", "applier.log"), "CHECK_INTERVAL=5"); err != nil {
+		t.Fatalf("applier: %v", err)
+	}
+	if err := kdg.WriteDataFile(e.data("read.dat"), fioFileMiB); err != nil {
+		t.Fatal(err)
+	}
+	for _, args := range [][]string{
+		{"create", "namespace", optedIn},
+		{"label", "namespace", optedIn, "kubediskguard.io/enabled=true"},
+		{"annotate", "namespace", optedIn, fmt.Sprintf("kubediskguard.io/iops=%d", nsIOPS)},
+		{"create", "namespace", notOptedIn},
+	} {
+		if _, err := e.c.Kubectl(ctx, args...); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return e
+}
+
+func (e *env) tearDown(t *testing.T) {
+	if t.Failed() {
+		for _, f := range []string{"webhook.log", "applier.log"} {
+			t.Logf("%s:\n%s", f, kdg.Tail(filepath.Join(e.dir, "logs", f), 30))
+		}
+	}
+	if e.applier != nil {
+		e.applier.Stop()
+	}
+	if e.webhook != nil {
+		e.webhook.Stop()
+	}
+	if e.c != nil {
+		if err := cluster.Down(e.c.Dir, testWriter{t}); err != nil {
+			t.Errorf("cluster down: %v", err)
+		}
+	}
+	if m := cluster.MountsUnder(e.dir); len(m) > 0 {
+		t.Errorf("mounts left under %s, not removing it: %v", e.dir, m)
+		return
+	}
+	os.RemoveAll(e.dir)
+}
+
+// fioContainer loops fio runs: a 4k random-read job on the shared data file
+// and a 4k random-write job on its own file, both O_DIRECT, each run's JSON
+// between markers in its log (kdg.FioRuns). fio comes from the host.
+func (e *env) fioContainer(name, writeFile string) corev1.Container {
+	script := fmt.Sprintf(`i=0; while :; do i=$((i+1)); sleep 1; `+
+		`/usr/bin/fio --size=%dM --bs=4k --direct=1 --ioengine=libaio --iodepth=8 --runtime=%d --time_based --output-format=json --output=/tmp/fio.json `+
+		`--name=r --filename=/data/read.dat --rw=randread --name=w --filename=/data/%s --rw=randwrite; `+
+		`echo "=== fio run $i"; cat /tmp/fio.json; echo "=== end of fio run $i"; done`, fioFileMiB, fioSeconds, writeFile)
+	return corev1.Container{
+		Name: name, Image: cluster.BusyboxImage, ImagePullPolicy: corev1.PullNever,
+		Command: []string{"sh", "-c", script},
+		VolumeMounts: []corev1.VolumeMount{
+			{Name: "data", MountPath: "/data"},
+			{Name: "usr", MountPath: "/usr", ReadOnly: true},
+			{Name: "lib", MountPath: "/lib", ReadOnly: true},
+			{Name: "lib64", MountPath: "/lib64", ReadOnly: true},
+		},
+	}
+}
+
+func (e *env) fioPod(ns, name string, annotations map[string]string, containers ...string) *corev1.Pod {
+	p := e.c.Pod(ns, name)
+	p.Annotations = annotations
+	p.Spec.Containers = nil
+	for _, c := range containers {
+		wf := fmt.Sprintf("write-%s-%s-%s.dat", ns, name, c)
+		if err := kdg.WriteDataFile(e.data(wf), fioFileMiB); err != nil {
+			panic(err)
+		}
+		p.Spec.Containers = append(p.Spec.Containers, e.fioContainer(c, wf))
+	}
+	hp := func(n, path string) corev1.Volume {
+		return corev1.Volume{Name: n, VolumeSource: corev1.VolumeSource{HostPath: &corev1.HostPathVolumeSource{Path: path}}}
+	}
+	p.Spec.Volumes = []corev1.Volume{hp("data", e.data()), hp("usr", "/usr"), hp("lib", "/lib"), hp("lib64", "/lib64")}
+	return p
+}
+
+// testThrottle: one opted-in pod with a container at the namespace default,
+// one with a per-container override and an excluded one (istio-proxy); the
+// same workload in a namespace that did not opt in. All run at once.
+func (e *env) testThrottle(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	limited := e.fioPod(optedIn, "limited", map[string]string{
+		"container.kubediskguard.io/db": fmt.Sprintf("read-iops=%d,write-iops=%d", dbRead, dbWrite),
+	}, "app", "db", "istio-proxy")
+	free := e.fioPod(notOptedIn, "free", nil, "app")
+	for _, p := range []*corev1.Pod{limited, free} {
+		if _, err := e.c.Client.CoreV1().Pods(p.Namespace).Create(ctx, p, metav1.CreateOptions{}); err != nil {
+			t.Fatalf("creating %s/%s: %v", p.Namespace, p.Name, err)
+		}
+	}
+	var err error
+	if limited, err = e.c.WaitRunning(ctx, optedIn, "limited", 60*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if free, err = e.c.WaitRunning(ctx, notOptedIn, "free", 60*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if a := limited.Annotations["kubediskguard.io/limits"]; a == "" {
+		t.Errorf("the opted-in pod has no kubediskguard.io/limits; annotations %v", limited.Annotations)
+	} else {
+		t.Logf("kubediskguard.io/limits: %s", a)
+	}
+	if a, ok := free.Annotations["kubediskguard.io/limits"]; ok {
+		t.Errorf("the pod in %s (not opted in) got kubediskguard.io/limits: %s", notOptedIn, a)
+	}
+
+	type want struct {
+		pod         *corev1.Pod
+		container   string
+		read, write int // 0: not throttled
+	}
+	cases := []want{
+		{limited, "app", nsIOPS, nsIOPS},
+		{limited, "db", dbRead, dbWrite},
+		{limited, "istio-proxy", 0, 0},
+		{free, "app", 0, 0},
+	}
+	// The cgroups first: then every fio run that starts later is measured
+	// under the final limits.
+	var since time.Time
+	for _, w := range cases {
+		since = e.waitCgroup(ctx, t, w.pod, w.container, w.read, w.write)
+	}
+	// Let the applier's periodic check run once more over the unlimited ones.
+	time.Sleep(time.Second)
+	for _, w := range cases {
+		if w.read == 0 {
+			e.waitCgroup(ctx, t, w.pod, w.container, 0, 0)
+		}
+	}
+	maxLimit := float64(nsIOPS)
+	for _, w := range cases {
+		r, err := e.nextRun(ctx, w.pod, w.container, since)
+		if err != nil {
+			t.Fatal(err)
+		}
+		what := fmt.Sprintf("%s/%s %s", w.pod.Namespace, w.pod.Name, w.container)
+		t.Logf("%-28s read %7.1f IOPS (limit %d)  write %7.1f IOPS (limit %d)", what, r.ReadIOPS, w.read, r.WriteIOPS, w.write)
+		if w.read == 0 {
+			// Unthrottled: well above any limit in play.
+			if r.ReadIOPS < 1.5*maxLimit {
+				t.Errorf("%s: %.1f read IOPS: throttled, want > %.0f (not limited)", what, r.ReadIOPS, 1.5*maxLimit)
+			}
+			continue
+		}
+		for _, m := range []struct {
+			dir   string
+			got   float64
+			limit int
+		}{{"read", r.ReadIOPS, w.read}, {"write", r.WriteIOPS, w.write}} {
+			if math.Abs(m.got-float64(m.limit)) > tolerance*float64(m.limit) {
+				t.Errorf("%s: %.1f %s IOPS, want %d ± %.0f%%", what, m.got, m.dir, m.limit, tolerance*100)
+			}
+		}
+	}
+}
+
+// waitCgroup waits until the container's blkio throttle files hold read and
+// write as IOPS limits (0: no limit at all), and returns when it saw them.
+func (e *env) waitCgroup(ctx context.Context, t *testing.T, pod *corev1.Pod, container string, read, write int) time.Time {
+	t.Helper()
+	dir := cluster.BlkioCgroup(pod, cluster.ContainerID(pod, container))
+	check := func(file string, want int) (string, bool) {
+		b, err := os.ReadFile(filepath.Join(dir, file))
+		if err != nil {
+			return err.Error(), false
+		}
+		s := strings.TrimSpace(string(b))
+		if want == 0 {
+			return s, s == ""
+		}
+		for _, line := range strings.Split(s, "\n") {
+			if f := strings.Fields(line); len(f) == 2 && f[1] == fmt.Sprint(want) {
+				return s, true
+			}
+		}
+		return s, false
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		r, okR := check("blkio.throttle.read_iops_device", read)
+		w, okW := check("blkio.throttle.write_iops_device", write)
+		if okR && okW {
+			return time.Now()
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			t.Fatalf("%s/%s %s: read_iops_device %q write_iops_device %q, want %d and %d (0: empty) after 30s", pod.Namespace, pod.Name, container, r, w, read, write)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// nextRun waits for the container's first fio run that started after since.
+func (e *env) nextRun(ctx context.Context, pod *corev1.Pod, container string, since time.Time) (kdg.FioRun, error) {
+	timeout := 3 * (fioSeconds + 2) * time.Second
+	deadline := time.Now().Add(timeout)
+	for {
+		runs, err := kdg.FioRuns(ctx, e.c.Client, pod, container)
+		if err != nil {
+			return kdg.FioRun{}, err
+		}
+		for _, r := range runs {
+			if !r.Start.Before(since) {
+				return r, nil
+			}
+		}
+		if time.Now().After(deadline) {
+			return kdg.FioRun{}, fmt.Errorf("no fio run in %s/%s %s started after %s within %s (%d runs so far)", pod.Namespace, pod.Name, container, since.Format(time.TimeOnly), timeout, len(runs))
+		}
+		select {
+		case <-ctx.Done():
+			return kdg.FioRun{}, ctx.Err()
+		case <-time.After(500 * time.Millisecond):
+		}
+	}
+}
+
+// testWebhookDown: with the webhook killed, the apiserver refuses pods in
+// the opted-in namespace (failurePolicy Fail) and still admits them
+// elsewhere; once it is back, opted-in pods are admitted with limits.
+func (e *env) testWebhookDown(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	pods := e.c.Client.CoreV1()
+	e.webhook.Kill()
+	t.Cleanup(func() {
+		if !e.webhook.Alive() {
+			if err := e.webhook.Restart(context.Background()); err != nil {
+				t.Errorf("restarting the webhook: %v", err)
+			}
+		}
+	})
+
+	_, err := pods.Pods(optedIn).Create(ctx, e.c.Pod(optedIn, "while-down", "sleep", "inf"), metav1.CreateOptions{})
+	if err == nil {
+		t.Errorf("pod created in %s with the webhook down; want it refused", optedIn)
+	} else {
+		t.Logf("refused as expected: %v", err)
+		msg := err.Error()
+		for _, s := range []string{"pods.kubediskguard.io", "failed calling webhook"} {
+			if !strings.Contains(msg, s) {
+				t.Errorf("the refusal does not say %q: %v", s, err)
+			}
+		}
+	}
+	if _, err := pods.Pods(notOptedIn).Create(ctx, e.c.Pod(notOptedIn, "while-down", "sleep", "inf"), metav1.CreateOptions{}); err != nil {
+		t.Errorf("pod in %s (not opted in) refused with the webhook down: %v", notOptedIn, err)
+	}
+
+	if err := e.webhook.Restart(ctx); err != nil {
+		t.Fatalf("restarting the webhook: %v", err)
+	}
+	var p *corev1.Pod
+	for deadline := time.Now().Add(15 * time.Second); ; {
+		p, err = pods.Pods(optedIn).Create(ctx, e.c.Pod(optedIn, "after-restart", "sleep", "inf"), metav1.CreateOptions{})
+		if err == nil || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	if err != nil {
+		t.Fatalf("pod in %s refused after the webhook came back: %v", optedIn, err)
+	}
+	if p.Annotations["kubediskguard.io/limits"] == "" {
+		t.Errorf("pod admitted after the restart has no kubediskguard.io/limits: %v", p.Annotations)
+	}
+}
+
+type testWriter struct{ t *testing.T }
+
+func (w testWriter) Write(b []byte) (int, error) {
+	w.t.Log(strings.TrimRight(string(b), "\n"))
+	return len(b), nil
+}

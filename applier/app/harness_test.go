@@ -38,7 +38,6 @@ import (
 	"github.com/kubediskguard/kubediskguard/applier/cgroup"
 	"github.com/kubediskguard/kubediskguard/applier/device"
 	"github.com/kubediskguard/kubediskguard/applier/internal/runtimetest"
-	"github.com/kubediskguard/kubediskguard/applier/runtime"
 	"github.com/kubediskguard/kubediskguard/shared/limits"
 	"github.com/kubediskguard/kubediskguard/shared/realtest"
 )
@@ -451,46 +450,16 @@ func (d *disk) rate(t testing.TB, m *measure) float64 {
 	return float64(ops-m.ops0) / time.Since(m.t0).Seconds()
 }
 
-// kpod is a pod's side on the node: its UID and pod cgroup.
+// kpod is a pod in the API and on the node.
 type kpod struct {
 	*corev1.Pod
-	cgroup string // "/kubepods/besteffort/pod<uid>"
+	node runtimetest.Pod
 }
 
-// cleaner is a daemon that removes cgroups after it stopped.
-type cleaner interface {
-	CleanupCgroups(t testing.TB, paths ...string)
-}
-
-// onNode gives the pod's cgroup, removed when the test ends.
-func onNode(t testing.TB, d cleaner, pod *corev1.Pod) kpod {
+// onNode gives the pod's node side, whose cgroup is removed when the test ends.
+func onNode(t testing.TB, d runtimetest.Cleaner, pod *corev1.Pod) kpod {
 	t.Helper()
-	p := kpod{Pod: pod, cgroup: "/kubepods/besteffort/pod" + string(pod.UID)}
-	d.CleanupCgroups(t, p.cgroup)
-	return p
-}
-
-// criLabels are the labels containerd's CRI plugin puts on the pod's
-// container name.
-func (p kpod) criLabels(name string) map[string]string {
-	return map[string]string{
-		runtime.LabelPodUID:        string(p.UID),
-		runtime.LabelPodNamespace:  p.Namespace,
-		runtime.LabelPodName:       p.Name,
-		runtime.LabelContainerName: name,
-		runtime.LabelContainerType: "container",
-	}
-}
-
-// dockerLabels are cri-dockerd's labels of the pod's container name.
-func (p kpod) dockerLabels(name string) map[string]string {
-	return map[string]string{
-		runtime.LabelPodUID:        string(p.UID),
-		runtime.LabelPodNamespace:  p.Namespace,
-		runtime.LabelPodName:       p.Name,
-		runtime.LabelContainerName: name,
-		runtime.LabelDockerType:    "container",
-	}
+	return kpod{Pod: pod, node: runtimetest.NewPod(t, d, string(pod.UID), pod.Namespace, pod.Name)}
 }
 
 // ctrContainer is a container in the private containerd and its blkio cgroup.
@@ -505,11 +474,11 @@ func run(t testing.TB, d *runtimetest.Containerd, dk *disk, rootfs string, p kpo
 	t.Helper()
 	id := runtimetest.RandomHex(t, 32)
 	c := d.NewContainer(t, runtimetest.ContainerSpec{
-		Namespace: "k8s.io", ID: id, Labels: p.criLabels(name),
-		CgroupsPath: p.cgroup + "/" + id, Rootfs: rootfs, Start: start,
+		Namespace: "k8s.io", ID: id, Labels: p.node.CRILabels(name),
+		CgroupsPath: p.node.Cgroup + "/" + id, Rootfs: rootfs, Start: start,
 		Args: args, Mounts: []specs.Mount{dk.mount()},
 	})
-	return ctrContainer{Container: c, dir: dk.h.Join(p.cgroup + "/" + id)}
+	return ctrContainer{Container: c, dir: dk.h.Join(p.node.Cgroup + "/" + id)}
 }
 
 // k8sCtx is a context in containerd's k8s.io namespace.

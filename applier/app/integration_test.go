@@ -284,16 +284,16 @@ func TestDockerThrottle(t *testing.T) {
 		t.Helper()
 		ctx := context.Background()
 		resp, err := d.Client.ContainerCreate(ctx,
-			&container.Config{Image: runtimetest.Image, Cmd: args, Labels: pod.dockerLabels("app")},
+			&container.Config{Image: runtimetest.Image, Cmd: args, Labels: pod.node.DockerLabels("app")},
 			&container.HostConfig{NetworkMode: "none", Binds: []string{dk.dir + ":/data"},
-				Resources: container.Resources{CgroupParent: pod.cgroup}}, nil, nil, "")
+				Resources: container.Resources{CgroupParent: pod.node.Cgroup}}, nil, nil, "")
 		if err != nil {
 			t.Fatal(err)
 		}
 		if err := d.Client.ContainerStart(ctx, resp.ID, container.StartOptions{}); err != nil {
 			t.Fatal(err)
 		}
-		return dk.h.Join(pod.cgroup + "/" + resp.ID)
+		return dk.h.Join(pod.node.Cgroup + "/" + resp.ID)
 	}
 	rdir := start(reader, readLoop("reader"))
 	t.Logf("reader limited %s after ContainerStart returned", dk.waitThrottle(t, rdir, limits.ReadIOPS, 100, 5*time.Second))

@@ -18,6 +18,7 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/kubediskguard/kubediskguard/applier/device"
 	"github.com/kubediskguard/kubediskguard/shared/limits"
 )
 
@@ -156,4 +157,34 @@ func (h *Hierarchy) Rel(dir string) (string, error) {
 		return "", fmt.Errorf("%s is not a cgroup directory in the hierarchy at %s", dir, h.dir)
 	}
 	return rest, nil
+}
+
+// Hierarchies lists the cgroup hierarchies mounted under root ("" is
+// DefaultRoot), from this process's mountinfo: each v1 controller and the
+// unified mount of a hybrid host, or root itself on a unified host.
+func Hierarchies(root string) ([]string, error) {
+	if root == "" {
+		root = DefaultRoot
+	}
+	root = filepath.Clean(root)
+	mounts, err := device.ReadMountInfo("/proc/self/mountinfo")
+	if err != nil {
+		return nil, err
+	}
+	var below, at []string
+	for _, m := range mounts {
+		if m.FSType != "cgroup" && m.FSType != "cgroup2" {
+			continue
+		}
+		switch {
+		case strings.HasPrefix(m.MountPoint, root+"/"):
+			below = append(below, m.MountPoint)
+		case m.MountPoint == root:
+			at = append(at, m.MountPoint)
+		}
+	}
+	if len(below) > 0 {
+		return below, nil
+	}
+	return at, nil
 }

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"fmt"
 	"io"
+	"os"
 	"strconv"
 	"strings"
 )
@@ -22,6 +23,21 @@ type Mount struct {
 	FSType     string
 	// Source is the mount source, such as "/dev/nvme0n1p1", unescaped.
 	Source string
+}
+
+// ReadMountInfo reads and parses a mountinfo file, such as
+// /proc/self/mountinfo.
+func ReadMountInfo(path string) ([]Mount, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	mounts, err := ParseMountInfo(f)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return mounts, nil
 }
 
 // ParseMountInfo parses the mountinfo format of proc(5). Mount points and

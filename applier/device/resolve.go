@@ -155,14 +155,9 @@ func (r *Resolver) Mount(path string) (Mount, error) {
 		return Mount{}, fmt.Errorf("mount path %s: %w", path, err)
 	}
 	info := filepath.Join(r.procRoot(), r.pid(), "mountinfo")
-	f, err := os.Open(info)
+	mounts, err := ReadMountInfo(info)
 	if err != nil {
 		return Mount{}, fmt.Errorf("finding the mount of %s: %w", path, err)
-	}
-	defer f.Close()
-	mounts, err := ParseMountInfo(f)
-	if err != nil {
-		return Mount{}, fmt.Errorf("finding the mount of %s: %s: %w", path, info, err)
 	}
 	best := -1
 	for i, m := range mounts {

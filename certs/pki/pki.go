@@ -80,23 +80,7 @@ func (ca *CA) Issue(hosts []string, validFor time.Duration) (*Serving, error) {
 			tmpl.DNSNames = append(tmpl.DNSNames, h)
 		}
 	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.Cert, &key.PublicKey, ca.Key)
-	if err != nil {
-		return nil, fmt.Errorf("signing the serving certificate: %w", err)
-	}
-	cert, err := x509.ParseCertificate(der)
-	if err != nil {
-		return nil, err
-	}
-	keyDER, err := x509.MarshalECPrivateKey(key)
-	if err != nil {
-		return nil, err
-	}
-	return &Serving{
-		Cert:    cert,
-		CertPEM: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
-		KeyPEM:  pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER}),
-	}, nil
+	return ca.sign(tmpl, key, "serving")
 }
 
 // WriteDir writes tls.crt, tls.key and ca.crt into dir the way the kubelet
@@ -188,9 +172,14 @@ func (ca *CA) IssueClient(commonName string, orgs []string, validFor time.Durati
 		KeyUsage:     x509.KeyUsageDigitalSignature,
 		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
 	}
+	return ca.sign(tmpl, key, "client")
+}
+
+// sign signs tmpl for key with the CA and returns the pair PEM-encoded.
+func (ca *CA) sign(tmpl *x509.Certificate, key *ecdsa.PrivateKey, what string) (*Serving, error) {
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.Cert, &key.PublicKey, ca.Key)
 	if err != nil {
-		return nil, fmt.Errorf("signing the client certificate: %w", err)
+		return nil, fmt.Errorf("signing the %s certificate: %w", what, err)
 	}
 	cert, err := x509.ParseCertificate(der)
 	if err != nil {

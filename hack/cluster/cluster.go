@@ -218,7 +218,7 @@ func Up(ctx context.Context, cfg Config) (_ *Cluster, err error) {
 	if m := MountsUnder(cfg.Dir); len(m) > 0 {
 		return nil, fmt.Errorf("mounts left under %s (%v): run `go run ./hack/cluster/cmd down -dir %s` or unmount them", cfg.Dir, m, cfg.Dir)
 	}
-	if err := clearStateDir(cfg.Dir); err != nil {
+	if err := EmptyOwnedDir(cfg.Dir, stateDirEntries, "the cluster harness"); err != nil {
 		return nil, err
 	}
 	c := &Cluster{Config: cfg}
@@ -634,9 +634,10 @@ var stateDirEntries = map[string]bool{
 	"admin.kubeconfig": true, "kubelet.kubeconfig": true, "kubelet.yaml": true, "state.json.tmp": true,
 }
 
-// clearStateDir empties a state dir left by an earlier run, and refuses a
-// dir holding anything the harness did not write (a mistyped -dir).
-func clearStateDir(dir string) error {
+// EmptyOwnedDir empties dir, which owner (a program) made, after checking
+// that it holds only the names owned lists: a mistyped directory flag must
+// not wipe someone's files. A dir that does not exist is fine.
+func EmptyOwnedDir(dir string, owned map[string]bool, owner string) error {
 	ents, err := os.ReadDir(dir)
 	if errors.Is(err, os.ErrNotExist) {
 		return nil
@@ -645,8 +646,8 @@ func clearStateDir(dir string) error {
 		return err
 	}
 	for _, e := range ents {
-		if !stateDirEntries[e.Name()] {
-			return fmt.Errorf("%s holds %s, which the cluster harness did not write: choose an empty or new state dir", dir, e.Name())
+		if !owned[e.Name()] {
+			return fmt.Errorf("%s holds %s, which %s did not write: not removing it (choose an empty or new directory)", dir, e.Name(), owner)
 		}
 	}
 	for _, e := range ents {

@@ -194,10 +194,10 @@ func snapshotForTest(t *testing.T, dir string) map[string]any {
 	var points []string
 	tmp := filepath.Clean(os.TempDir())
 	for _, m := range mounts {
-		if strings.HasPrefix(m.point, tmp+"/") && m.point != dir && !strings.HasPrefix(m.point, dir+"/") {
+		if strings.HasPrefix(m.MountPoint, tmp+"/") && m.MountPoint != dir && !strings.HasPrefix(m.MountPoint, dir+"/") {
 			continue // another test's
 		}
-		points = append(points, m.point)
+		points = append(points, m.MountPoint)
 	}
 	sort.Strings(points)
 	s["mounts"] = points

@@ -1,7 +1,6 @@
 package cluster
 
 import (
-	"bufio"
 	"crypto/sha256"
 	"errors"
 	"fmt"
@@ -12,6 +11,9 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/kubediskguard/kubediskguard/applier/cgroup"
+	"github.com/kubediskguard/kubediskguard/applier/device"
 )
 
 // The host changes a kubelet + containerd CRI make outside their own folders
@@ -125,80 +127,17 @@ func writeSysctl(name, v string) error {
 
 // cgroupMounts lists the cgroup hierarchies mounted under /sys/fs/cgroup (v1
 // controllers and the unified v2 mount of a hybrid layout).
-func cgroupMounts() ([]string, error) {
-	mounts, err := mountInfo()
-	if err != nil {
-		return nil, err
-	}
-	var out []string
-	for _, m := range mounts {
-		if (m.fstype == "cgroup" || m.fstype == "cgroup2") && strings.HasPrefix(m.point, cgroupRoot+"/") {
-			out = append(out, m.point)
-		}
-	}
-	if len(out) == 0 {
-		for _, m := range mounts {
-			if m.fstype == "cgroup2" && m.point == cgroupRoot {
-				out = append(out, m.point)
-			}
-		}
-	}
-	return out, nil
-}
+func cgroupMounts() ([]string, error) { return cgroup.Hierarchies(cgroupRoot) }
 
-type mount struct{ point, fstype string }
-
-func mountInfo() ([]mount, error) {
-	f, err := os.Open("/proc/self/mountinfo")
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	var out []mount
-	sc := bufio.NewScanner(f)
-	sc.Buffer(make([]byte, 1<<20), 1<<20)
-	for sc.Scan() {
-		fields := strings.Fields(sc.Text())
-		if len(fields) < 10 {
-			continue
-		}
-		sep := 6
-		for sep < len(fields) && fields[sep] != "-" {
-			sep++
-		}
-		if sep+1 >= len(fields) {
-			continue
-		}
-		out = append(out, mount{point: unescapeMount(fields[4]), fstype: fields[sep+1]})
-	}
-	return out, sc.Err()
-}
-
-func unescapeMount(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+3 < len(s) {
-			if n, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
-				b.WriteByte(byte(n))
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
-}
+func mountInfo() ([]device.Mount, error) { return device.ReadMountInfo("/proc/self/mountinfo") }
 
 // MountsUnder lists the mount points at or below dir, deepest first.
 func MountsUnder(dir string) []string {
 	mounts, _ := mountInfo()
 	var out []string
 	for _, m := range mounts {
-		if m.point == dir || strings.HasPrefix(m.point, dir+"/") {
-			out = append(out, m.point)
+		if m.MountPoint == dir || strings.HasPrefix(m.MountPoint, dir+"/") {
+			out = append(out, m.MountPoint)
 		}
 	}
 	sort.SliceStable(out, func(i, j int) bool { return strings.Count(out[i], "/") > strings.Count(out[j], "/") })

@@ -602,17 +602,8 @@ var ownEntries = map[string]bool{
 // removeOwnDir removes the state dir, refusing one holding anything the demo
 // did not write (a mistyped -dir).
 func removeOwnDir(dir string) error {
-	ents, err := os.ReadDir(dir)
-	if errors.Is(err, os.ErrNotExist) {
-		return nil
-	}
-	if err != nil {
+	if err := cluster.EmptyOwnedDir(dir, ownEntries, "the demo"); err != nil {
 		return err
-	}
-	for _, e := range ents {
-		if !ownEntries[e.Name()] {
-			return fmt.Errorf("%s holds %s, which the demo did not write: not removing it (choose another -dir)", dir, e.Name())
-		}
 	}
 	return os.RemoveAll(dir)
 }

@@ -5,6 +5,8 @@ import (
 	"encoding/hex"
 	"fmt"
 	"testing"
+
+	"github.com/kubediskguard/kubediskguard/applier/runtime"
 )
 
 // RandomHex returns n random bytes in hex: container IDs, unique names.
@@ -21,4 +23,62 @@ func RandomHex(t testing.TB, n int) string {
 func PodUID(t testing.TB) string {
 	u := RandomHex(t, 16)
 	return fmt.Sprintf("%s-%s-%s-%s-%s", u[:8], u[8:12], u[12:16], u[16:20], u[20:])
+}
+
+// Pod is a Kubernetes pod as a node's container runtime sees it: the
+// identity the kubelet puts in container labels, and its cgroupfs cgroup.
+type Pod struct {
+	UID, Namespace, Name string
+	Cgroup               string // "/kubepods/besteffort/pod<uid>"
+}
+
+// Cleaner removes cgroups once its daemon has stopped (Containerd, Dockerd).
+type Cleaner interface {
+	CleanupCgroups(t testing.TB, paths ...string)
+}
+
+// NewPod returns a pod (a random UID when uid is "") whose cgroup d removes
+// when the test ends.
+func NewPod(t testing.TB, d Cleaner, uid, namespace, name string) Pod {
+	t.Helper()
+	if uid == "" {
+		uid = PodUID(t)
+	}
+	p := Pod{UID: uid, Namespace: namespace, Name: name, Cgroup: "/kubepods/besteffort/pod" + uid}
+	d.CleanupCgroups(t, p.Cgroup)
+	return p
+}
+
+// CRILabels are the labels containerd's CRI plugin puts on the pod's
+// container name, or on its sandbox when name is "".
+func (p Pod) CRILabels(name string) map[string]string {
+	l := p.labels(name)
+	l[runtime.LabelContainerType] = "container"
+	if name == "" {
+		l[runtime.LabelContainerType] = "sandbox"
+	}
+	return l
+}
+
+// DockerLabels are the labels cri-dockerd puts on the pod's container name,
+// or on its sandbox when name is "".
+func (p Pod) DockerLabels(name string) map[string]string {
+	l := p.labels(name)
+	l[runtime.LabelDockerType] = "container"
+	if name == "" {
+		l[runtime.LabelDockerType] = "podsandbox"
+	}
+	return l
+}
+
+func (p Pod) labels(name string) map[string]string {
+	l := map[string]string{
+		runtime.LabelPodUID:       p.UID,
+		runtime.LabelPodNamespace: p.Namespace,
+		runtime.LabelPodName:      p.Name,
+	}
+	if name != "" {
+		l[runtime.LabelContainerName] = name
+	}
+	return l
 }

@@ -6,7 +6,6 @@ package runtimetest
 
 import (
 	"archive/tar"
-	"bufio"
 	"bytes"
 	"context"
 	"debug/elf"
@@ -28,6 +27,7 @@ import (
 	"time"
 
 	"github.com/kubediskguard/kubediskguard/applier/cgroup"
+	"github.com/kubediskguard/kubediskguard/applier/device"
 	"github.com/kubediskguard/kubediskguard/shared/realtest"
 )
 
@@ -380,8 +380,8 @@ func unmountUnder(t testing.TB, dir string) {
 	t.Helper()
 	var points []string
 	for _, f := range mountinfo(t) {
-		if strings.HasPrefix(f.point, dir+"/") {
-			points = append(points, f.point)
+		if strings.HasPrefix(f.MountPoint, dir+"/") {
+			points = append(points, f.MountPoint)
 		}
 	}
 	slices.SortFunc(points, func(a, b string) int { return strings.Count(b, "/") - strings.Count(a, "/") })
@@ -392,47 +392,14 @@ func unmountUnder(t testing.TB, dir string) {
 	}
 }
 
-type mount struct{ point, fstype string }
-
 // mountinfo returns the mounts of this process's mount namespace.
-func mountinfo(t testing.TB) []mount {
+func mountinfo(t testing.TB) []device.Mount {
 	t.Helper()
-	f, err := os.Open("/proc/self/mountinfo")
+	ms, err := device.ReadMountInfo("/proc/self/mountinfo")
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer f.Close()
-	var ms []mount
-	s := bufio.NewScanner(f)
-	for s.Scan() {
-		// 36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw
-		fields := strings.Fields(s.Text())
-		sep := slices.Index(fields, "-")
-		if len(fields) < 5 || sep < 0 || sep+1 >= len(fields) {
-			continue
-		}
-		ms = append(ms, mount{point: unescape(fields[4]), fstype: fields[sep+1]})
-	}
 	return ms
-}
-
-// unescape undoes mountinfo's octal escapes (\040 for a space).
-func unescape(s string) string {
-	if !strings.Contains(s, `\`) {
-		return s
-	}
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		if s[i] == '\\' && i+3 < len(s) {
-			if n, err := strconv.ParseUint(s[i+1:i+4], 8, 8); err == nil {
-				b.WriteByte(byte(n))
-				i += 3
-				continue
-			}
-		}
-		b.WriteByte(s[i])
-	}
-	return b.String()
 }
 
 // CleanupCgroups removes, once the daemon stopped when the test ends, the
@@ -444,11 +411,9 @@ func unescape(s string) string {
 // makes them.
 func (d *daemon) CleanupCgroups(t testing.TB, paths ...string) {
 	t.Helper()
-	var roots []string
-	for _, m := range mountinfo(t) {
-		if (m.fstype == "cgroup" || m.fstype == "cgroup2") && strings.HasPrefix(m.point, cgroup.DefaultRoot) {
-			roots = append(roots, m.point)
-		}
+	roots, err := cgroup.Hierarchies("")
+	if err != nil {
+		t.Fatal(err)
 	}
 	for _, root := range roots {
 		for _, p := range paths {

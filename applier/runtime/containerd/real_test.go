@@ -19,34 +19,6 @@ import (
 
 const eventTimeout = 10 * time.Second
 
-// pod is a pod as the kubelet would have it run by containerd's CRI
-// plugin: its UID and its cgroup, which every cleanup removes.
-type pod struct {
-	uid, cgroup string
-}
-
-func newPod(t *testing.T, d *runtimetest.Containerd) pod {
-	uid := runtimetest.PodUID(t)
-	p := pod{uid: uid, cgroup: "/kubepods/besteffort/pod" + uid}
-	d.CleanupCgroups(t, p.cgroup)
-	return p
-}
-
-// labels are the CRI labels of a container of kind (container or
-// sandbox) named name in the pod.
-func (p pod) labels(kind, name string) map[string]string {
-	l := map[string]string{
-		runtime.LabelPodUID:        p.uid,
-		runtime.LabelPodNamespace:  "default",
-		runtime.LabelPodName:       "web",
-		runtime.LabelContainerType: kind,
-	}
-	if kind == "container" {
-		l[runtime.LabelContainerName] = name
-	}
-	return l
-}
-
 func newRuntime(t *testing.T, d *runtimetest.Containerd, h *cgroup.Hierarchy) *containerd.Runtime {
 	t.Helper()
 	rt, err := containerd.New(t.Context(), d.Socket, containerd.DefaultNamespace, h)
@@ -66,37 +38,37 @@ func TestRealListAndContainer(t *testing.T) {
 	d := runtimetest.StartContainerd(t)
 	h := runtimetest.Hierarchy(t)
 	rootfs := runtimetest.Rootfs(t, d.Dir())
-	p := newPod(t, d)
+	p := runtimetest.NewPod(t, d, "", "default", "web")
 	stray := "/kubediskguard-test-" + runtimetest.RandomHex(t, 6)
 	d.CleanupCgroups(t, stray)
 
 	ns := containerd.DefaultNamespace
 	app := d.NewContainer(t, runtimetest.ContainerSpec{
-		Namespace: ns, ID: runtimetest.RandomHex(t, 32), Labels: p.labels("container", "app"),
-		CgroupsPath: p.cgroup + "/" + "app", Rootfs: rootfs, Start: true,
+		Namespace: ns, ID: runtimetest.RandomHex(t, 32), Labels: p.CRILabels("app"),
+		CgroupsPath: p.Cgroup + "/" + "app", Rootfs: rootfs, Start: true,
 	})
 	sandbox := d.NewContainer(t, runtimetest.ContainerSpec{
-		Namespace: ns, ID: runtimetest.RandomHex(t, 32), Labels: p.labels("sandbox", ""),
-		CgroupsPath: p.cgroup + "/sandbox", Rootfs: rootfs, Start: true,
+		Namespace: ns, ID: runtimetest.RandomHex(t, 32), Labels: p.CRILabels(""),
+		CgroupsPath: p.Cgroup + "/sandbox", Rootfs: rootfs, Start: true,
 	})
 	plain := d.NewContainer(t, runtimetest.ContainerSpec{
 		Namespace: ns, ID: runtimetest.RandomHex(t, 32),
 		CgroupsPath: stray + "/plain", Rootfs: rootfs, Start: true,
 	})
 	created := d.NewContainer(t, runtimetest.ContainerSpec{
-		Namespace: ns, ID: runtimetest.RandomHex(t, 32), Labels: p.labels("container", "init"),
-		CgroupsPath: p.cgroup + "/init", Rootfs: rootfs,
+		Namespace: ns, ID: runtimetest.RandomHex(t, 32), Labels: p.CRILabels("init"),
+		CgroupsPath: p.Cgroup + "/init", Rootfs: rootfs,
 	})
 	elsewhere := d.NewContainer(t, runtimetest.ContainerSpec{
-		Namespace: "elsewhere", ID: runtimetest.RandomHex(t, 32), Labels: p.labels("container", "other"),
-		CgroupsPath: p.cgroup + "/elsewhere", Rootfs: rootfs, Start: true,
+		Namespace: "elsewhere", ID: runtimetest.RandomHex(t, 32), Labels: p.CRILabels("other"),
+		CgroupsPath: p.Cgroup + "/elsewhere", Rootfs: rootfs, Start: true,
 	})
 
 	rt := newRuntime(t, d, h)
 	ctx := t.Context()
 	want := runtime.Container{
-		ID: app.ID(), PodUID: p.uid, PodNamespace: "default", PodName: "web", Name: "app",
-		PID: int(app.Task.Pid()), CgroupDir: h.Join(p.cgroup + "/app"),
+		ID: app.ID(), PodUID: p.UID, PodNamespace: "default", PodName: "web", Name: "app",
+		PID: int(app.Task.Pid()), CgroupDir: h.Join(p.Cgroup + "/app"),
 	}
 
 	start := time.Now()
@@ -124,8 +96,8 @@ func TestRealListAndContainer(t *testing.T) {
 		t.Errorf("Container(app) = %+v, %v; want %+v", got, err, want)
 	}
 	wantCreated := runtime.Container{
-		ID: created.ID(), PodUID: p.uid, PodNamespace: "default", PodName: "web", Name: "init",
-		CgroupDir: h.Join(p.cgroup + "/init"),
+		ID: created.ID(), PodUID: p.UID, PodNamespace: "default", PodName: "web", Name: "init",
+		CgroupDir: h.Join(p.Cgroup + "/init"),
 	}
 	if got, err := rt.Container(ctx, created.ID()); err != nil || got != wantCreated {
 		t.Errorf("Container(created, not started) = %+v, %v; want %+v", got, err, wantCreated)
@@ -171,7 +143,7 @@ func TestRealWatch(t *testing.T) {
 	d := runtimetest.StartContainerd(t)
 	h := runtimetest.Hierarchy(t)
 	rootfs := runtimetest.Rootfs(t, d.Dir())
-	p := newPod(t, d)
+	p := runtimetest.NewPod(t, d, "", "default", "web")
 	rt := newRuntime(t, d, h)
 
 	ctx, cancel := context.WithCancel(t.Context())
@@ -186,8 +158,8 @@ func TestRealWatch(t *testing.T) {
 
 	// A container in another namespace makes no event.
 	other := d.NewContainer(t, runtimetest.ContainerSpec{
-		Namespace: "elsewhere", ID: runtimetest.RandomHex(t, 32), Labels: p.labels("container", "other"),
-		CgroupsPath: p.cgroup + "/other", Rootfs: rootfs,
+		Namespace: "elsewhere", ID: runtimetest.RandomHex(t, 32), Labels: p.CRILabels("other"),
+		CgroupsPath: p.Cgroup + "/other", Rootfs: rootfs,
 	})
 	if err := other.Delete(namespaces.WithNamespace(ctx, "elsewhere")); err != nil {
 		t.Fatal(err)
@@ -202,8 +174,8 @@ func TestRealWatch(t *testing.T) {
 	}{
 		{"create container", func() {
 			c = d.NewContainer(t, runtimetest.ContainerSpec{
-				Namespace: containerd.DefaultNamespace, ID: runtimetest.RandomHex(t, 32), Labels: p.labels("container", "app"),
-				CgroupsPath: p.cgroup + "/app", Rootfs: rootfs,
+				Namespace: containerd.DefaultNamespace, ID: runtimetest.RandomHex(t, 32), Labels: p.CRILabels("app"),
+				CgroupsPath: p.Cgroup + "/app", Rootfs: rootfs,
 			})
 		}, []runtime.EventKind{runtime.Created}},
 		{"create task", func() {
@@ -294,7 +266,7 @@ func TestRealWatchReconnect(t *testing.T) {
 	d := runtimetest.StartContainerd(t)
 	h := runtimetest.Hierarchy(t)
 	rootfs := runtimetest.Rootfs(t, d.Dir())
-	p := newPod(t, d)
+	p := runtimetest.NewPod(t, d, "", "default", "web")
 	rt := newRuntime(t, d, h)
 	ctx := t.Context()
 
@@ -333,8 +305,8 @@ func TestRealWatchReconnect(t *testing.T) {
 	t.Logf("Watch subscribed again %s after containerd answered, at attempt %d", time.Since(restarted).Round(time.Millisecond), attempts)
 
 	c := d.NewContainer(t, runtimetest.ContainerSpec{
-		Namespace: containerd.DefaultNamespace, ID: runtimetest.RandomHex(t, 32), Labels: p.labels("container", "app"),
-		CgroupsPath: p.cgroup + "/app", Rootfs: rootfs,
+		Namespace: containerd.DefaultNamespace, ID: runtimetest.RandomHex(t, 32), Labels: p.CRILabels("app"),
+		CgroupsPath: p.Cgroup + "/app", Rootfs: rootfs,
 	})
 	if ev := w.Next(t, eventTimeout); ev.Kind != runtime.Created || ev.ContainerID != c.ID() {
 		t.Fatalf("after the restart: got event %s %s, want created %s", ev.Kind, ev.ContainerID, c.ID())

@@ -17,34 +17,6 @@ import (
 
 const eventTimeout = 10 * time.Second
 
-// pod is a pod as the kubelet would have it run by cri-dockerd: its UID
-// and its cgroup parent, which every cleanup removes.
-type pod struct {
-	uid, cgroup string
-}
-
-func newPod(t *testing.T, d *runtimetest.Dockerd) pod {
-	uid := runtimetest.PodUID(t)
-	p := pod{uid: uid, cgroup: "/kubepods/besteffort/pod" + uid}
-	d.CleanupCgroups(t, p.cgroup)
-	return p
-}
-
-// labels are cri-dockerd's labels of a container of type (container or
-// podsandbox) named name in the pod.
-func (p pod) labels(typ, name string) map[string]string {
-	l := map[string]string{
-		runtime.LabelPodUID:       p.uid,
-		runtime.LabelPodNamespace: "default",
-		runtime.LabelPodName:      "web",
-		runtime.LabelDockerType:   typ,
-	}
-	if typ == "container" {
-		l[runtime.LabelContainerName] = name
-	}
-	return l
-}
-
 // create creates a container running busybox sleep, started if start.
 func create(t *testing.T, d *runtimetest.Dockerd, labels map[string]string, parent string, start bool) string {
 	t.Helper()
@@ -89,12 +61,12 @@ func newRuntime(t *testing.T, d *runtimetest.Dockerd, h *cgroup.Hierarchy) *dock
 func TestRealListAndContainer(t *testing.T) {
 	d := runtimetest.StartDockerd(t)
 	h := runtimetest.Hierarchy(t)
-	p := newPod(t, d)
+	p := runtimetest.NewPod(t, d, "", "default", "web")
 
-	app := create(t, d, p.labels("container", "app"), p.cgroup, true)
-	sandbox := create(t, d, p.labels("podsandbox", ""), p.cgroup, true)
+	app := create(t, d, p.DockerLabels("app"), p.Cgroup, true)
+	sandbox := create(t, d, p.DockerLabels(""), p.Cgroup, true)
 	plain := create(t, d, nil, "", true)
-	created := create(t, d, p.labels("container", "init"), p.cgroup, false)
+	created := create(t, d, p.DockerLabels("init"), p.Cgroup, false)
 
 	rt := newRuntime(t, d, h)
 	if rt.Driver() != cgroup.Cgroupfs {
@@ -102,8 +74,8 @@ func TestRealListAndContainer(t *testing.T) {
 	}
 	ctx := t.Context()
 	want := runtime.Container{
-		ID: app, PodUID: p.uid, PodNamespace: "default", PodName: "web", Name: "app",
-		PID: pidOf(t, d, app), CgroupDir: h.Join(p.cgroup + "/" + app),
+		ID: app, PodUID: p.UID, PodNamespace: "default", PodName: "web", Name: "app",
+		PID: pidOf(t, d, app), CgroupDir: h.Join(p.Cgroup + "/" + app),
 	}
 
 	start := time.Now()
@@ -135,8 +107,8 @@ func TestRealListAndContainer(t *testing.T) {
 		t.Errorf("Container(short ID) = %+v, %v; want %+v", got, err, want)
 	}
 	wantCreated := runtime.Container{
-		ID: created, PodUID: p.uid, PodNamespace: "default", PodName: "web", Name: "init",
-		CgroupDir: h.Join(p.cgroup + "/" + created),
+		ID: created, PodUID: p.UID, PodNamespace: "default", PodName: "web", Name: "init",
+		CgroupDir: h.Join(p.Cgroup + "/" + created),
 	}
 	if got, err := rt.Container(ctx, created); err != nil || got != wantCreated {
 		t.Errorf("Container(created, not started) = %+v, %v; want %+v", got, err, wantCreated)
@@ -180,13 +152,13 @@ func TestRealListAndContainer(t *testing.T) {
 func TestRealWatch(t *testing.T) {
 	d := runtimetest.StartDockerd(t)
 	h := runtimetest.Hierarchy(t)
-	p := newPod(t, d)
+	p := runtimetest.NewPod(t, d, "", "default", "web")
 	rt := newRuntime(t, d, h)
 	ctx, cancel := context.WithCancel(t.Context())
 	defer cancel()
 
 	// Events from before Watch are not replayed.
-	old := create(t, d, p.labels("container", "old"), p.cgroup, false)
+	old := create(t, d, p.DockerLabels("old"), p.Cgroup, false)
 	if err := d.Client.ContainerRemove(ctx, old, container.RemoveOptions{}); err != nil {
 		t.Fatal(err)
 	}
@@ -205,7 +177,7 @@ func TestRealWatch(t *testing.T) {
 		do   func()
 		want runtime.EventKind
 	}{
-		{"create", func() { id = create(t, d, p.labels("container", "app"), p.cgroup, false) }, runtime.Created},
+		{"create", func() { id = create(t, d, p.DockerLabels("app"), p.Cgroup, false) }, runtime.Created},
 		{"start", func() {
 			if err := d.Client.ContainerStart(ctx, id, container.StartOptions{}); err != nil {
 				t.Fatal(err)
@@ -245,7 +217,7 @@ func TestRealWatch(t *testing.T) {
 func TestRealWatchReconnect(t *testing.T) {
 	d := runtimetest.StartDockerd(t)
 	h := runtimetest.Hierarchy(t)
-	p := newPod(t, d)
+	p := runtimetest.NewPod(t, d, "", "default", "web")
 	rt := newRuntime(t, d, h)
 	ctx := t.Context()
 
@@ -282,7 +254,7 @@ func TestRealWatchReconnect(t *testing.T) {
 	}
 	t.Logf("Watch subscribed again %s after dockerd answered, at attempt %d", time.Since(restarted).Round(time.Millisecond), attempts)
 
-	id := create(t, d, p.labels("container", "app"), p.cgroup, false)
+	id := create(t, d, p.DockerLabels("app"), p.Cgroup, false)
 	if ev := w.Next(t, eventTimeout); ev.Kind != runtime.Created || ev.ContainerID != id {
 		t.Fatalf("after the restart: got event %s %s, want created %s", ev.Kind, ev.ContainerID, id)
 	}

@@ -9,19 +9,17 @@ import (
 	"strings"
 	"time"
 
-	"sigs.k8s.io/controller-runtime/pkg/log/zap"
-
 	"github.com/kubediskguard/kubediskguard/applier/cgroup"
+	"github.com/kubediskguard/kubediskguard/shared/command"
 	"github.com/kubediskguard/kubediskguard/shared/config"
 	"github.com/kubediskguard/kubediskguard/shared/limits"
 )
 
 // Options is the applier's whole configuration.
 type Options struct {
-	Kubeconfig         string
-	NodeName           string
-	MetricsBindAddress string
-	HealthProbeAddress string
+	command.Common
+
+	NodeName string
 
 	DataMount           string
 	DataDevices         string
@@ -33,8 +31,6 @@ type Options struct {
 	CgroupRoot          string
 	ProcRoot            string
 	CheckInterval       time.Duration
-
-	Log zap.Options
 }
 
 // Runtime kinds of CONTAINER_RUNTIME.
@@ -45,9 +41,6 @@ var runtimeKinds = []string{"auto", "containerd", "docker"}
 func ParseOptions(args []string, lookupEnv func(string) (string, bool)) (*Options, error) {
 	o := &Options{DataTotalIOPS: 3000, CgroupVersion: cgroup.Auto, CheckInterval: 30 * time.Second}
 	fs := config.NewFlagSet("kubediskguard-applier")
-	fs.StringVar(&o.Kubeconfig, "kubeconfig", "", "kubeconfig file, for running outside the cluster (default: in-cluster or $KUBECONFIG)")
-	fs.StringVar(&o.MetricsBindAddress, "metrics-bind-address", ":8080", `address of the Prometheus metrics endpoint ("0" disables it)`)
-	fs.StringVar(&o.HealthProbeAddress, "health-probe-bind-address", ":8081", "address of /healthz and /readyz")
 
 	fs.StringVar(&o.NodeName, "node-name", "", "the node this applier runs on; only its pods are watched (required)")
 	fs.Env("node-name", "NODE_NAME")
@@ -73,7 +66,7 @@ func ParseOptions(args []string, lookupEnv func(string) (string, bool)) (*Option
 	interval := config.Seconds(o.CheckInterval)
 	fs.Var(&interval, "check-interval", "time between full reconciles, in seconds (a safety net; events do the real work)")
 	fs.Env("check-interval", "CHECK_INTERVAL")
-	o.Log.BindFlags(fs.FlagSet)
+	o.Common.Bind(fs.FlagSet)
 
 	if err := fs.Parse(args, lookupEnv); err != nil {
 		return nil, fmt.Errorf("%w\n%s", err, fs.Usage())

@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/kubediskguard/kubediskguard/applier/cgroup"
+	"github.com/kubediskguard/kubediskguard/shared/command"
 )
 
 func TestParseOptions(t *testing.T) {
@@ -19,7 +20,7 @@ func TestParseOptions(t *testing.T) {
 		"uses the SPEC's defaults": {
 			env: map[string]string{"NODE_NAME": "n1"},
 			check: func(t *testing.T, o *Options) {
-				want := Options{NodeName: "n1", MetricsBindAddress: ":8080", HealthProbeAddress: ":8081", DataMount: "/data",
+				want := Options{Common: command.Common{MetricsBindAddress: ":8080", HealthProbeAddress: ":8081"}, NodeName: "n1", DataMount: "/data",
 					DataTotalIOPS: 3000, ContainerRuntime: "auto", CgroupVersion: cgroup.Auto, ContainerdNamespace: "k8s.io",
 					CgroupRoot: "/sys/fs/cgroup", ProcRoot: "/proc", CheckInterval: 30 * time.Second}
 				o.Log = want.Log

@@ -17,7 +17,6 @@ import (
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/record"
 	logf "sigs.k8s.io/controller-runtime/pkg/log"
-	"sigs.k8s.io/controller-runtime/pkg/log/zap"
 
 	"github.com/kubediskguard/kubediskguard/applier/cgroup"
 	"github.com/kubediskguard/kubediskguard/applier/device"
@@ -27,12 +26,6 @@ import (
 	"github.com/kubediskguard/kubediskguard/applier/runtime"
 	"github.com/kubediskguard/kubediskguard/applier/runtime/connect"
 )
-
-// Logging implements command.Options.
-func (o *Options) Logging() *zap.Options { return &o.Log }
-
-// KubeconfigPath implements command.Options.
-func (o *Options) KubeconfigPath() string { return o.Kubeconfig }
 
 // Run implements command.Options.
 func (o *Options) Run(ctx context.Context, cfg *rest.Config) error { return Run(ctx, o, cfg) }

@@ -261,16 +261,14 @@ func (r *Reconciler) applyNodeCap() error {
 // kubepods finds the kubepods cgroup from a tracked container, or by probing.
 func (r *Reconciler) kubepods() (string, error) {
 	r.mu.Lock()
-	var dirs []string
-	for _, t := range r.containers {
-		dirs = append(dirs, t.dir)
+	var dir string
+	for _, t := range r.containers { // any one will do
+		dir = t.dir
 		break
 	}
 	r.mu.Unlock()
-	for _, d := range dirs {
-		if k, err := r.Cgroups.KubepodsOf(d); err == nil {
-			return k, nil
-		}
+	if k, err := r.Cgroups.KubepodsOf(dir); dir != "" && err == nil {
+		return k, nil
 	}
 	return r.Cgroups.FindKubepods()
 }

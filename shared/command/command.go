@@ -68,3 +68,26 @@ func RESTConfig(kubeconfig string) (*rest.Config, error) {
 	}
 	return cfg, nil
 }
+
+// Common are the options both binaries have; their Options embed it.
+type Common struct {
+	Kubeconfig         string
+	MetricsBindAddress string
+	HealthProbeAddress string
+	Log                zap.Options
+}
+
+// Bind adds --kubeconfig, --metrics-bind-address,
+// --health-probe-bind-address and the logging flags to fs.
+func (c *Common) Bind(fs *flag.FlagSet) {
+	fs.StringVar(&c.Kubeconfig, "kubeconfig", "", "kubeconfig file, for running outside the cluster (default: in-cluster or $KUBECONFIG)")
+	fs.StringVar(&c.MetricsBindAddress, "metrics-bind-address", ":8080", `address of the Prometheus metrics endpoint ("0" disables it)`)
+	fs.StringVar(&c.HealthProbeAddress, "health-probe-bind-address", ":8081", "address of /healthz and /readyz")
+	c.Log.BindFlags(fs)
+}
+
+// Logging implements Options.
+func (c *Common) Logging() *zap.Options { return &c.Log }
+
+// KubeconfigPath implements Options.
+func (c *Common) KubeconfigPath() string { return c.Kubeconfig }

@@ -7,8 +7,8 @@ import (
 	"strings"
 
 	"k8s.io/apimachinery/pkg/labels"
-	"sigs.k8s.io/controller-runtime/pkg/log/zap"
 
+	"github.com/kubediskguard/kubediskguard/shared/command"
 	"github.com/kubediskguard/kubediskguard/shared/config"
 	"github.com/kubediskguard/kubediskguard/shared/limits"
 	"github.com/kubediskguard/kubediskguard/webhook/mutate"
@@ -17,13 +17,11 @@ import (
 
 // Options is the webhook's whole configuration.
 type Options struct {
-	CertDir            string
-	Port               int
-	MetricsBindAddress string
-	HealthProbeAddress string
-	Kubeconfig         string
-	Resolve            resolve.Config
-	Log                zap.Options
+	command.Common
+
+	CertDir string
+	Port    int
+	Resolve resolve.Config
 }
 
 // Defaults of the SPEC.
@@ -41,9 +39,6 @@ func ParseOptions(args []string, lookupEnv func(string) (string, bool)) (*Option
 	fs := config.NewFlagSet("kubediskguard-webhook")
 	fs.StringVar(&o.CertDir, "cert-dir", DefaultCertDir, "directory holding tls.crt and tls.key; reloaded when they change")
 	fs.IntVar(&o.Port, "port", 9443, "port of the HTTPS server that serves "+mutate.Path)
-	fs.StringVar(&o.MetricsBindAddress, "metrics-bind-address", ":8080", `address of the Prometheus metrics endpoint ("0" disables it)`)
-	fs.StringVar(&o.HealthProbeAddress, "health-probe-bind-address", ":8081", "address of /healthz and /readyz")
-	fs.StringVar(&o.Kubeconfig, "kubeconfig", "", "kubeconfig file, for running outside the cluster (default: in-cluster or $KUBECONFIG)")
 
 	o.Resolve.Defaults.Set(limits.KeyIOPS, DefaultContainerIOPS)
 	for _, d := range []struct {
@@ -70,7 +65,7 @@ func ParseOptions(args []string, lookupEnv func(string) (string, bool)) (*Option
 	fs.Env("exclude-namespaces", "EXCLUDE_NAMESPACES")
 	fs.StringVar(&selector, "exclude-pod-selector", "", "label selector of pods that get no limits, e.g. 'app in (db),tier!=infra'")
 	fs.Env("exclude-pod-selector", "EXCLUDE_POD_SELECTOR")
-	o.Log.BindFlags(fs.FlagSet)
+	o.Common.Bind(fs.FlagSet)
 
 	if err := fs.Parse(args, lookupEnv); err != nil {
 		return nil, fmt.Errorf("%w\n%s", err, fs.Usage())

@@ -14,19 +14,12 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/healthz"
-	"sigs.k8s.io/controller-runtime/pkg/log/zap"
 	"sigs.k8s.io/controller-runtime/pkg/metrics"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 	"sigs.k8s.io/controller-runtime/pkg/webhook"
 
 	"github.com/kubediskguard/kubediskguard/webhook/mutate"
 )
-
-// Logging implements command.Options.
-func (o *Options) Logging() *zap.Options { return &o.Log }
-
-// KubeconfigPath implements command.Options.
-func (o *Options) KubeconfigPath() string { return o.Kubeconfig }
 
 // Run implements command.Options.
 func (o *Options) Run(ctx context.Context, cfg *rest.Config) error { return Run(ctx, o, cfg) }

@@ -224,15 +224,14 @@ func parsePod(pod *corev1.Pod, errs *field.ErrorList, warnings *[]Warning) (Sett
 
 	for _, key := range keys {
 		value := pod.Annotations[key]
-		path := lazyPath(key)
 		if name, ok := strings.CutPrefix(key, limits.ContainerAnnotationPrefix); ok {
 			if !hasContainer(pod, name) {
-				*errs = append(*errs, field.Invalid(path(), value, fmt.Sprintf("the pod has no container or init container named %q", name)))
+				*errs = append(*errs, field.Invalid(annotationsPath.Key(key), value, fmt.Sprintf("the pod has no container or init container named %q", name)))
 				continue
 			}
 			s, problems := ParseContainerValue(value)
 			for _, p := range problems {
-				*errs = append(*errs, field.Invalid(path(), value, p))
+				*errs = append(*errs, field.Invalid(annotationsPath.Key(key), value, p))
 			}
 			if len(problems) == 0 {
 				if perContainer == nil {
@@ -251,7 +250,7 @@ func parsePod(pod *corev1.Pod, errs *field.ErrorList, warnings *[]Warning) (Sett
 		}
 		n, err := limits.ParseValue(k, value)
 		if err != nil {
-			*errs = append(*errs, field.Invalid(path(), value, err.Error()))
+			*errs = append(*errs, field.Invalid(annotationsPath.Key(key), value, err.Error()))
 			continue
 		}
 		podLevel.Set(k, n)
@@ -268,9 +267,4 @@ func hasContainer(pod *corev1.Pod, name string) bool {
 		}
 	}
 	return false
-}
-
-// lazyPath builds the field path of an annotation only when an error needs it.
-func lazyPath(key string) func() *field.Path {
-	return func() *field.Path { return annotationsPath.Key(key) }
 }

@@ -243,25 +243,31 @@ func shimSocket(address, ns, id string) string {
 
 // shimPIDs finds the containerd shims serving the containerd at address.
 func shimPIDs(address string) []int {
-	ents, _ := os.ReadDir("/proc")
-	var out []int
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
+	return pidsWhere(func(pid int) bool {
+		b, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "cmdline"))
 		if err != nil {
-			continue
-		}
-		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
-		if err != nil {
-			continue
+			return false
 		}
 		args := strings.Split(string(b), "\x00")
-		if len(args) == 0 || !strings.Contains(filepath.Base(args[0]), "containerd-shim") {
-			continue
+		if !strings.Contains(filepath.Base(args[0]), "containerd-shim") {
+			return false
 		}
 		for i := 0; i+1 < len(args); i++ {
 			if args[i] == "-address" && args[i+1] == address {
-				out = append(out, pid)
+				return true
 			}
+		}
+		return false
+	})
+}
+
+// pidsWhere lists the processes for which match is true.
+func pidsWhere(match func(pid int) bool) []int {
+	ents, _ := os.ReadDir("/proc")
+	var out []int
+	for _, e := range ents {
+		if pid, err := strconv.Atoi(e.Name()); err == nil && match(pid) {
+			out = append(out, pid)
 		}
 	}
 	return out

@@ -297,17 +297,8 @@ func stop(p Proc, grace time.Duration) {
 
 // pidsNamed lists processes whose comm is name.
 func pidsNamed(name string) []int {
-	ents, _ := os.ReadDir("/proc")
-	var out []int
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "comm"))
-		if err == nil && strings.TrimSpace(string(b)) == name && procStartTime(pid) != "" { // not a zombie
-			out = append(out, pid)
-		}
-	}
-	return out
+	return pidsWhere(func(pid int) bool {
+		b, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "comm"))
+		return err == nil && strings.TrimSpace(string(b)) == name && procStartTime(pid) != "" // not a zombie
+	})
 }

@@ -1,9 +1,11 @@
 package cgroup
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"runtime/debug"
 	"slices"
@@ -55,7 +57,9 @@ func vmReport(key string, value any) {
 // vmGuestRun sets the VM up (filesystems, the virtio disk's modules, the
 // io controller) and, through the package's Hierarchy, limits a
 // container-like cgroup, clears one of its dimensions and caps a kubepods
-// tree, measuring the O_DIRECT IO rate of this process in each.
+// tree, measuring the O_DIRECT IO rate of this process in each; then it
+// measures two worker processes in two pods below kubepods at once, without
+// and with the cap.
 func vmGuestRun() error {
 	for _, m := range []struct{ source, dir, fstype string }{
 		{"proc", "/proc", "proc"},
@@ -255,7 +259,194 @@ func vmGuestRun() error {
 	if err := measure(pod, "parent_write_iops", true, vmThrottledIOs(vmParentCap)); err != nil {
 		return err
 	}
-	return stats(kubepods, "parent")
+	if err := stats(kubepods, "parent"); err != nil {
+		return err
+	}
+
+	// The cap holds the pods together: a second pod, in another QoS class,
+	// with its own limit far above the cap, and one process in each pod
+	// doing IO at the same time.
+	if _, err := mkdir("/kubepods/burstable", true); err != nil {
+		return err
+	}
+	pod1, err := mkdir("/kubepods/burstable/pod1", false)
+	if err != nil {
+		return err
+	}
+	if _, err := h.Apply(pod1, devs, limits.Limits{ReadIOPS: vmPodOwnLimit, WriteIOPS: vmPodOwnLimit}); err != nil {
+		return err
+	}
+	if err := readLimits(pod1, "together_pod1"); err != nil {
+		return err
+	}
+	pods := []string{pod, pod1}
+	// together runs one worker process in each pod (started in it with
+	// CLONE_INTO_CGROUP), all doing IO in the same wall-clock window, and
+	// reports each pod's rate after the burst, the sum over the whole run
+	// and after the burst, and the IOs done.
+	together := func(key string, write bool, run time.Duration) error {
+		before, err := h.Stats(kubepods, devs)
+		if err != nil {
+			return err
+		}
+		counts, window, err := vmTogether(pods, write, run)
+		if err != nil {
+			return err
+		}
+		var total, steady int
+		for i, c := range counts {
+			vmReport(fmt.Sprintf("%s_pod%d_iops_steady", key, i), float64(c.steady)/window.Seconds())
+			total += c.total
+			steady += c.steady
+		}
+		vmReport(key+"_iops", float64(total)/run.Seconds())
+		vmReport(key+"_iops_steady", float64(steady)/window.Seconds())
+		vmReport(key+"_ios", total)
+		after, err := h.Stats(kubepods, devs)
+		if err != nil {
+			return err
+		}
+		ios := after[dev].ReadIOs - before[dev].ReadIOs
+		if write {
+			ios = after[dev].WriteIOs - before[dev].WriteIOs
+		}
+		vmReport(key+"_stat_ios", ios)
+		return nil
+	}
+	// Without the cap, the same two processes go far faster.
+	if _, err := h.Clear(kubepods, devs); err != nil {
+		return err
+	}
+	if got, err := h.Read(kubepods); err != nil {
+		return err
+	} else if len(got) == 0 {
+		vmReport("nocap_parent_limits", "none")
+	} else {
+		vmReport("nocap_parent_limits", got)
+	}
+	if err := together("nocap_read", false, vmFreeRun); err != nil {
+		return err
+	}
+	// With it, their sum is the cap.
+	if _, err := h.Apply(kubepods, devs, limits.Limits{ReadIOPS: vmParentCap, WriteIOPS: vmParentCap}); err != nil {
+		return err
+	}
+	if err := together("together_read", false, vmThrottledRun); err != nil {
+		return err
+	}
+	return together("together_write", true, vmThrottledRun)
+}
+
+// vmWorkerEnv names the environment variable that makes the test binary a
+// worker of vmTogether instead of running tests: "read|write,START,SETTLE,END,BASE"
+// (wall-clock Unix nanoseconds; BASE is the worker's first disk block).
+const vmWorkerEnv = "KDG_VM_WORKER"
+
+// vmWorkerSpan is the number of 4 KiB blocks each worker cycles through.
+const vmWorkerSpan = 4096
+
+// vmCount is what one worker did: all its IOs, and those that completed
+// in the window after the burst.
+type vmCount struct{ total, steady int }
+
+// vmTogether starts one worker process in each cgroup dir, each doing 4 KiB
+// O_DIRECT IO on its own part of the disk, one at a time, from the same
+// start for run, and returns their counts and the length of the window
+// after the burst (from vmSettle to the end).
+func vmTogether(dirs []string, write bool, run time.Duration) ([]vmCount, time.Duration, error) {
+	start := time.Now().Add(500 * time.Millisecond) // time for the workers to start
+	settle, end := start.Add(vmSettle), start.Add(run)
+	mode := "read"
+	if write {
+		mode = "write"
+	}
+	type worker struct {
+		cmd *exec.Cmd
+		out bytes.Buffer
+	}
+	workers := make([]*worker, len(dirs))
+	for i, dir := range dirs {
+		fd, err := syscall.Open(dir, syscall.O_RDONLY|syscall.O_DIRECTORY|syscall.O_CLOEXEC, 0)
+		if err != nil {
+			return nil, 0, fmt.Errorf("opening %s: %w", dir, err)
+		}
+		w := &worker{cmd: exec.Command("/proc/self/exe")}
+		w.cmd.Env = append(os.Environ(), fmt.Sprintf("%s=%s,%d,%d,%d,%d", vmWorkerEnv, mode,
+			start.UnixNano(), settle.UnixNano(), end.UnixNano(), i*vmWorkerSpan))
+		w.cmd.Stdout, w.cmd.Stderr = &w.out, &w.out
+		w.cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: fd}
+		err = w.cmd.Start()
+		syscall.Close(fd)
+		if err != nil {
+			return nil, 0, fmt.Errorf("starting a worker in %s: %w", dir, err)
+		}
+		workers[i] = w
+	}
+	counts := make([]vmCount, len(dirs))
+	var errs []error
+	for i, w := range workers {
+		if err := w.cmd.Wait(); err != nil {
+			errs = append(errs, fmt.Errorf("worker in %s: %w: %s", dirs[i], err, strings.TrimSpace(w.out.String())))
+			continue
+		}
+		if _, err := fmt.Sscanf(w.out.String(), "%d %d", &counts[i].total, &counts[i].steady); err != nil {
+			errs = append(errs, fmt.Errorf("worker in %s printed %q: %w", dirs[i], w.out.String(), err))
+		}
+	}
+	if time.Now().Before(end) {
+		errs = append(errs, errors.New("the workers ended before their window did"))
+	}
+	return counts, end.Sub(settle), errors.Join(errs...)
+}
+
+// vmWorker is a worker process of vmTogether: it waits for the start,
+// does IO until the end, prints "TOTAL STEADY" and exits. It never returns.
+func vmWorker(spec string) {
+	var mode string
+	var start, settle, end, base int64
+	f := strings.Split(spec, ",")
+	if len(f) != 5 {
+		fmt.Fprintf(os.Stderr, "bad %s %q\n", vmWorkerEnv, spec)
+		os.Exit(2)
+	}
+	mode = f[0]
+	for i, p := range []*int64{&start, &settle, &end, &base} {
+		n, err := strconv.ParseInt(f[i+1], 10, 64)
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "bad %s %q: %v\n", vmWorkerEnv, spec, err)
+			os.Exit(2)
+		}
+		*p = n
+	}
+	disk, err := vmOpenDisk("/dev/vda")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	time.Sleep(time.Until(time.Unix(0, start)))
+	total, steady := 0, 0
+	for i := int64(0); time.Now().UnixNano() < end; i++ {
+		off := (base + i%vmWorkerSpan) * 4096
+		var got int
+		if mode == "write" {
+			got, err = syscall.Pwrite(disk.fd, disk.buf, off)
+		} else {
+			got, err = syscall.Pread(disk.fd, disk.buf, off)
+		}
+		if err == nil && got != len(disk.buf) {
+			err = errors.New("short IO")
+		}
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "IO %d at %d: %v\n", i, off, err)
+			os.Exit(1)
+		}
+		total++
+		if now := time.Now().UnixNano(); now >= settle && now <= end {
+			steady++
+		}
+	}
+	fmt.Printf("%d %d\n", total, steady)
+	os.Exit(0)
 }
 
 // sysFinitModule is finit_module(2) on x86_64, the VM's architecture; the

@@ -51,6 +51,19 @@ type Config struct {
 	// eth0 in the sandbox), and the host gets no bridge.
 	PodNetwork bool
 
+	// Full makes the node a cluster that runs workloads as a platform team
+	// deploys them: kube-controller-manager (Deployments, DaemonSets,
+	// ServiceAccounts and their tokens, EndpointSlices), kube-scheduler,
+	// kube-proxy (iptables mode: Service ClusterIPs work from pods and from
+	// the host, so the apiserver reaches a webhook through its Service) and
+	// the ServiceAccount admission plugin. It implies PodNetwork, and the
+	// apiserver then listens on the bridge's address (PodGateway), where
+	// pods reach it through the `kubernetes` Service.
+	Full bool
+
+	// KubeProxyHealthzPort serves kube-proxy's /healthz on 127.0.0.1 (Full).
+	KubeProxyHealthzPort, KubeProxyMetricsPort int
+
 	Log io.Writer // progress lines; default os.Stderr
 }
 
@@ -79,6 +92,11 @@ func (c *Config) withDefaults() error {
 	def(&c.APIServerPort, 26443)
 	def(&c.KubeletPort, 21250)
 	def(&c.KubeletHealthzPort, 21248)
+	def(&c.KubeProxyHealthzPort, 21256)
+	def(&c.KubeProxyMetricsPort, 21249)
+	if c.Full {
+		c.PodNetwork = true
+	}
 	look := func(p *string, name string) {
 		if *p == "" {
 			if f, err := exec.LookPath(name); err == nil {
@@ -112,7 +130,11 @@ func (c Config) Missing() []string {
 	if c.BinDir == "" {
 		out = append(out, "the pinned Kubernetes binaries: set KUBEBUILDER_ASSETS (make test-bins)")
 	}
-	for _, b := range []string{"etcd", "kube-apiserver", "kubelet", "kubectl"} {
+	bins := []string{"etcd", "kube-apiserver", "kubelet", "kubectl"}
+	if c.Full {
+		bins = append(bins, "kube-controller-manager", "kube-scheduler", "kube-proxy")
+	}
+	for _, b := range bins {
 		if c.BinDir != "" {
 			if _, err := os.Stat(filepath.Join(c.BinDir, b)); err != nil {
 				out = append(out, b+" in "+c.BinDir+" (make test-bins)")
@@ -125,9 +147,17 @@ func (c Config) Missing() []string {
 		{"runc", "apt-get install runc"},
 		{c.Busybox, "apt-get install busybox-static"},
 		{filepath.Join(c.CNIBinDir, "loopback"), "apt-get install containernetworking-plugins"},
+		{"ip", "apt-get install iproute2"},
 	} {
 		if _, err := exec.LookPath(p.path); err != nil {
 			out = append(out, p.path+" ("+p.how+")")
+		}
+	}
+	if c.Full {
+		for _, b := range []string{"iptables", "iptables-restore"} {
+			if _, err := exec.LookPath(b); err != nil {
+				out = append(out, b+" (apt-get install iptables; kube-proxy needs it)")
+			}
 		}
 	}
 	if os.Geteuid() != 0 {
@@ -206,7 +236,11 @@ func Up(ctx context.Context, cfg Config) (_ *Cluster, err error) {
 	if pids := pidsNamed("kubelet"); len(pids) > 0 {
 		return nil, fmt.Errorf("a kubelet already runs on this machine (pid %v); two kubelets collide", pids)
 	}
-	for _, p := range []int{cfg.EtcdPort, cfg.EtcdPeerPort, cfg.APIServerPort, cfg.KubeletPort, cfg.KubeletHealthzPort} {
+	ports := []int{cfg.EtcdPort, cfg.EtcdPeerPort, cfg.APIServerPort, cfg.KubeletPort, cfg.KubeletHealthzPort}
+	if cfg.Full {
+		ports = append(ports, cfg.KubeProxyHealthzPort, cfg.KubeProxyMetricsPort)
+	}
+	for _, p := range ports {
 		l, err := net.Listen("tcp", "127.0.0.1:"+strconv.Itoa(p))
 		if err != nil {
 			return nil, fmt.Errorf("port %d is taken: %w", p, err)
@@ -244,16 +278,22 @@ func Up(ctx context.Context, cfg Config) (_ *Cluster, err error) {
 			}
 		}
 	}()
-	steps := []struct {
+	type step struct {
 		name string
 		fn   func(context.Context) error
-	}{
-		{"pki", c.writePKI},
-		{"images", c.buildImages},
-		{"etcd", c.startEtcd},
-		{"kube-apiserver", c.startAPIServer},
-		{"containerd", c.startContainerd},
-		{"kubelet", c.startKubelet},
+	}
+	var steps []step
+	if c.PodNetwork {
+		steps = append(steps, step{"pod network", c.startPodNetwork})
+	}
+	steps = append(steps, step{"pki", c.writePKI}, step{"images", c.buildImages},
+		step{"etcd", c.startEtcd}, step{"kube-apiserver", c.startAPIServer})
+	if c.Full {
+		steps = append(steps, step{"kube-controller-manager", c.startControllerManager}, step{"kube-scheduler", c.startScheduler})
+	}
+	steps = append(steps, step{"containerd", c.startContainerd}, step{"kubelet", c.startKubelet})
+	if c.Full {
+		steps = append(steps, step{"kube-proxy", c.startKubeProxy})
 	}
 	total := time.Now()
 	for _, s := range steps {
@@ -334,16 +374,31 @@ func (c *Cluster) startEtcd(ctx context.Context) error {
 	})
 }
 
-// APIServerURL is the apiserver's address (loopback).
+// APIServerURL is the apiserver's address: loopback, or the pod bridge's
+// address in a Full cluster (pods reach it there).
 func (c *Cluster) APIServerURL() string {
-	return fmt.Sprintf("https://127.0.0.1:%d", c.APIServerPort)
+	return fmt.Sprintf("https://%s", net.JoinHostPort(c.apiServerHost(), strconv.Itoa(c.APIServerPort)))
+}
+
+func (c *Cluster) apiServerHost() string {
+	if c.Full {
+		return PodGateway
+	}
+	return "127.0.0.1"
 }
 
 func (c *Cluster) startAPIServer(ctx context.Context) error {
 	p := func(n string) string { return c.path("pki", n) }
+	// Without a controller-manager nothing creates the `default`
+	// ServiceAccount of a namespace, and the ServiceAccount admission plugin
+	// would reject every pod: pods set automountServiceAccountToken: false.
+	admission := "--disable-admission-plugins=ServiceAccount"
+	if c.Full {
+		admission = "--disable-admission-plugins="
+	}
 	cmd, err := c.start("kube-apiserver", filepath.Join(c.BinDir, "kube-apiserver"),
 		fmt.Sprintf("--etcd-servers=http://127.0.0.1:%d", c.EtcdPort),
-		"--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
+		"--bind-address="+c.apiServerHost(), "--advertise-address="+c.apiServerHost(),
 		fmt.Sprintf("--secure-port=%d", c.APIServerPort),
 		"--cert-dir="+c.path("apiserver"),
 		"--tls-cert-file="+p("apiserver.crt"), "--tls-private-key-file="+p("apiserver.key"),
@@ -353,10 +408,7 @@ func (c *Cluster) startAPIServer(ctx context.Context) error {
 		"--service-account-signing-key-file="+p("sa.key"),
 		"--service-cluster-ip-range=10.96.0.0/24",
 		"--authorization-mode=Node,RBAC",
-		// No controller-manager runs, so nothing creates the `default`
-		// ServiceAccount of a namespace; the ServiceAccount admission plugin
-		// would reject every pod. Pods set automountServiceAccountToken: false.
-		"--disable-admission-plugins=ServiceAccount",
+		admission,
 		"--enable-admission-plugins=NodeRestriction",
 		"--allow-privileged=true",
 		"--kubelet-client-certificate="+p("apiserver-kubelet-client.crt"),
@@ -393,13 +445,13 @@ func (c *Cluster) startContainerd(ctx context.Context) error {
 	}
 	conflist := `{"cniVersion": "0.4.0", "name": "kdg-loopback", "plugins": [{"type": "loopback"}]}`
 	if c.PodNetwork {
-		c.State.PodBridge = PodBridge
-		if err := c.save(); err != nil {
-			return err
-		}
+		// The bridge exists already (startPodNetwork) and holds the
+		// gateway address: isGateway false keeps the plugin from turning on
+		// IP forwarding; the IPAM result gives pods the default route.
 		conflist = fmt.Sprintf(`{"cniVersion": "0.4.0", "name": "kdg-bridge", "plugins": [{"type": "bridge", "bridge": %q,
   "isGateway": false, "ipMasq": false, "hairpinMode": false,
-  "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.244.0.0/24"}]], "dataDir": %q}}]}`, PodBridge, c.path("cni-ipam"))
+  "ipam": {"type": "host-local", "ranges": [[{"subnet": %q, "gateway": %q}]], "routes": [{"dst": "0.0.0.0/0"}], "dataDir": %q}}]}`,
+			PodBridge, PodCIDR, PodGateway, c.path("cni-ipam"))
 	}
 	if err := os.WriteFile(filepath.Join(d, "net.d", "10-kdg.conflist"), []byte(conflist), 0o644); err != nil {
 		return err
@@ -612,8 +664,14 @@ func Down(dir string, log io.Writer) error {
 	return down(dir, log)
 }
 
-// PodBridge is the host bridge of Config.PodNetwork.
-const PodBridge = "kdg0"
+// The pod network of Config.PodNetwork: a host bridge holding the pods'
+// gateway address. The host reaches pods on it, and pods reach the host's
+// own addresses through it; nothing is forwarded or masqueraded.
+const (
+	PodBridge  = "kdg0"
+	PodCIDR    = "10.244.0.0/24"
+	PodGateway = "10.244.0.1"
+)
 
 // Env is the environment a local KubeDiskGuard applier (and kubectl) needs
 // to work against this cluster, as KEY=VALUE.
@@ -631,7 +689,7 @@ func (c *Cluster) Env() []string {
 var stateDirEntries = map[string]bool{
 	"logs": true, "pki": true, "images": true, "etcd": true, "apiserver": true, "containerd": true,
 	"kubelet": true, "kubelet-pki": true, "kubelet-pod-logs": true, "cni-ipam": true,
-	"admin.kubeconfig": true, "kubelet.kubeconfig": true, "kubelet.yaml": true, "state.json.tmp": true,
+	"admin.kubeconfig": true, "kubelet.kubeconfig": true, "kubelet.yaml": true, "kube-proxy.yaml": true, "state.json.tmp": true,
 }
 
 // EmptyOwnedDir empties dir, which owner (a program) made, after checking

@@ -27,23 +27,31 @@ import (
 // runtime tests' kubepods cgroups must not be in its way); under CI=true a
 // missing component fails the test.
 func TestClusterUpSmokeDown(t *testing.T) {
-	for _, podNetwork := range []bool{false, true} {
-		name := "hostNetwork"
-		if podNetwork {
-			name = "podNetwork"
-		}
-		t.Run(name, func(t *testing.T) { testClusterUpSmokeDown(t, podNetwork) })
+	for _, tc := range []struct {
+		name string
+		cfg  Config
+	}{
+		{"hostNetwork", Config{}},
+		{"podNetwork", Config{PodNetwork: true}},
+		// Also a Deployment behind a Service, reached from the host and
+		// reaching the apiserver (see smokeFull).
+		{"full", Config{Full: true}},
+	} {
+		t.Run(tc.name, func(t *testing.T) { testClusterUpSmokeDown(t, tc.cfg) })
 	}
 }
 
-func testClusterUpSmokeDown(t *testing.T, podNetwork bool) {
+func testClusterUpSmokeDown(t *testing.T, cfg Config) {
 	if testing.Short() {
 		t.Skip("starts a real kubelet; not with -short")
 	}
 	realtest.Root(t)
 	realtest.HostLock(t) // one kubelet, and no other test's runtimes or kubepods cgroups meanwhile
-	assets := realtest.KubeAssets(t, "etcd", "kube-apiserver", "kubelet", "kubectl")
-	cfg := Config{BinDir: assets, Log: testWriter{t}, PodNetwork: podNetwork}
+	bins := []string{"etcd", "kube-apiserver", "kubelet", "kubectl"}
+	if cfg.Full {
+		bins = append(bins, "kube-controller-manager", "kube-scheduler", "kube-proxy")
+	}
+	cfg.BinDir, cfg.Log = realtest.KubeAssets(t, bins...), testWriter{t}
 	for _, m := range cfg.Missing() {
 		realtest.Missing(t, m, "make host-deps test-bins")
 	}
@@ -94,10 +102,13 @@ func testClusterUpSmokeDown(t *testing.T, podNetwork bool) {
 	if err != nil {
 		t.Fatalf("smoke: %v", err)
 	}
-	if podNetwork && !strings.HasPrefix(res.PodIP, "10.244.0.") {
+	if (cfg.PodNetwork || cfg.Full) && !strings.HasPrefix(res.PodIP, "10.244.0.") {
 		t.Errorf("pod IP %q, want one from the bridge's 10.244.0.0/24", res.PodIP)
 	}
 	t.Logf("pod Running in %s, kubectl exec in %s, cgroup %s", res.PodRunning.Round(time.Millisecond), res.Exec.Round(time.Millisecond), res.Cgroup)
+	if cfg.Full {
+		t.Logf("Deployment created → its Service answering in %s", res.Service.Round(time.Millisecond))
+	}
 	if !strings.HasPrefix(res.Cgroup, "/sys/fs/cgroup/blkio/kubepods/besteffort/pod") {
 		t.Errorf("cgroup %s", res.Cgroup)
 	}
@@ -209,7 +220,7 @@ func snapshotForTest(t *testing.T, dir string) map[string]any {
 		}
 	}
 	s["kubepods cgroups"] = cgs
-	for _, sc := range kubeletSysctls {
+	for _, sc := range hostSysctls {
 		v, _ := readSysctl(sc)
 		s["sysctl "+sc] = v
 	}

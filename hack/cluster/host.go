@@ -20,15 +20,23 @@ import (
 // (found by running them here; see REAL-COMPONENTS.md). The harness records
 // the host before it starts anything and undoes exactly what it added.
 
-// kubeletSysctls are the kernel tunables the kubelet sets at start
-// (protectKernelDefaults: false makes it write them instead of failing).
-var kubeletSysctls = []string{
+// hostSysctls are the kernel tunables the kubelet sets at start
+// (protectKernelDefaults: false makes it write them instead of failing),
+// and those kube-proxy may set (the harness configures it not to; restored
+// all the same) and a CNI plugin may (IP forwarding).
+var hostSysctls = []string{
 	"vm.overcommit_memory",
 	"vm.panic_on_oom",
 	"kernel.panic",
 	"kernel.panic_on_oops",
 	"kernel.keys.root_maxkeys",
 	"kernel.keys.root_maxbytes",
+	"net.ipv4.ip_forward",
+	"net.ipv4.conf.all.route_localnet",
+	"net.bridge.bridge-nf-call-iptables",
+	"net.netfilter.nf_conntrack_max",
+	"net.netfilter.nf_conntrack_tcp_timeout_established",
+	"net.netfilter.nf_conntrack_tcp_timeout_close_wait",
 }
 
 // hostPaths are paths outside the state dir that the kubelet, containerd or
@@ -67,7 +75,7 @@ type HostState struct {
 // snapshotHost records what teardown needs to restore.
 func snapshotHost() (*HostState, error) {
 	h := &HostState{Sysctls: map[string]string{}}
-	for _, s := range kubeletSysctls {
+	for _, s := range hostSysctls {
 		v, err := readSysctl(s)
 		if err != nil {
 			continue // not on this kernel: the kubelet will not set it either

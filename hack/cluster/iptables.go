@@ -99,7 +99,7 @@ func restoreIptables(before *IptablesState) error {
 			// Delete the rules that jump to an added chain, wherever they are.
 			out, _ := exec.Command(bin, "-w", "-t", t, "-S").Output()
 			for _, l := range strings.Split(string(out), "\n") {
-				f := strings.Fields(l)
+				f := ruleFields(l)
 				if len(f) < 2 || f[0] != "-A" {
 					continue
 				}
@@ -163,4 +163,36 @@ func iptablesTableEmpty(bin, table string) bool {
 		}
 	}
 	return true
+}
+
+// ruleFields splits a rule as `iptables -S` prints it into arguments: words,
+// and double-quoted strings (kube-proxy's comments) as one argument without
+// the quotes; \" and \\ inside quotes are the characters themselves.
+func ruleFields(line string) []string {
+	var out []string
+	var cur strings.Builder
+	inWord, quoted := false, false
+	for i := 0; i < len(line); i++ {
+		ch := line[i]
+		switch {
+		case quoted && ch == '\\' && i+1 < len(line):
+			i++
+			cur.WriteByte(line[i])
+		case ch == '"':
+			quoted, inWord = !quoted, true
+		case !quoted && (ch == ' ' || ch == '\t'):
+			if inWord {
+				out = append(out, cur.String())
+				cur.Reset()
+				inWord = false
+			}
+		default:
+			cur.WriteByte(ch)
+			inWord = true
+		}
+	}
+	if inWord {
+		out = append(out, cur.String())
+	}
+	return out
 }

@@ -46,7 +46,7 @@ func (c *Cluster) writePKI(ctx context.Context) error {
 		return err
 	}
 	serving, err := ca.Issue([]string{"kube-apiserver", "127.0.0.1", "localhost", "kubernetes", "kubernetes.default",
-		"kubernetes.default.svc", "kubernetes.default.svc.cluster.local", "10.96.0.1"}, certValidity)
+		"kubernetes.default.svc", "kubernetes.default.svc.cluster.local", "10.96.0.1", PodGateway}, certValidity)
 	if err != nil {
 		return err
 	}

@@ -3,13 +3,18 @@ package cluster
 import (
 	"context"
 	"fmt"
+	"io"
+	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
 	"time"
 
+	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/utils/ptr"
 )
 
@@ -94,6 +99,7 @@ type SmokeResult struct {
 	Exec       time.Duration // kubectl exec round trip
 	Cgroup     string
 	PodIP      string
+	Service    time.Duration // Full: Deployment created → its Service answers
 }
 
 // Smoke proves the node works: a pod runs, kubectl exec reaches it (through
@@ -134,5 +140,85 @@ func (c *Cluster) Smoke(ctx context.Context) (*SmokeResult, error) {
 	if _, err := os.Stat(res.Cgroup); err != nil {
 		return nil, fmt.Errorf("cgroup dir: %w", err)
 	}
+	if c.Full {
+		t = time.Now()
+		if err := c.smokeFull(ctx); err != nil {
+			return nil, err
+		}
+		res.Service = time.Since(t)
+	}
 	return res, nil
+}
+
+// smokeFull proves what Config.Full adds: a Deployment's pod is scheduled
+// (kube-scheduler) and made (kube-controller-manager) with a ServiceAccount
+// token; its Service answers the host on its ClusterIP (kube-proxy), and the
+// pod reaches the apiserver through the `kubernetes` Service.
+func (c *Cluster) smokeFull(ctx context.Context) error {
+	const name, ns, body = "kdg-smoke-web", "default", "kdg smoke"
+	labels := map[string]string{"app": name}
+	dep := &appsv1.Deployment{
+		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns},
+		Spec: appsv1.DeploymentSpec{
+			Selector: &metav1.LabelSelector{MatchLabels: labels},
+			Template: corev1.PodTemplateSpec{
+				ObjectMeta: metav1.ObjectMeta{Labels: labels},
+				Spec: corev1.PodSpec{
+					TerminationGracePeriodSeconds: ptr.To(int64(1)),
+					Containers: []corev1.Container{{
+						Name: "web", Image: BusyboxImage, ImagePullPolicy: corev1.PullNever,
+						Command: []string{"sh", "-c", "mkdir /tmp/www && echo " + body + " >/tmp/www/index.html && exec httpd -f -p 8080 -h /tmp/www"},
+					}},
+				},
+			},
+		},
+	}
+	svc := &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns},
+		Spec: corev1.ServiceSpec{
+			Selector: labels,
+			Ports:    []corev1.ServicePort{{Port: 80, TargetPort: intstr.FromInt32(8080)}},
+		},
+	}
+	deps, svcs := c.Client.AppsV1().Deployments(ns), c.Client.CoreV1().Services(ns)
+	if _, err := deps.Create(ctx, dep, metav1.CreateOptions{}); err != nil {
+		return err
+	}
+	defer deps.Delete(context.Background(), name, metav1.DeleteOptions{PropagationPolicy: ptr.To(metav1.DeletePropagationForeground)})
+	svc, err := svcs.Create(ctx, svc, metav1.CreateOptions{})
+	if err != nil {
+		return err
+	}
+	defer svcs.Delete(context.Background(), name, metav1.DeleteOptions{})
+
+	url := "http://" + net.JoinHostPort(svc.Spec.ClusterIP, "80") + "/"
+	// A new connection for each try: one opened before kube-proxy wrote the
+	// Service's rules is not NATed, and conntrack keeps it so.
+	httpc := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+	if err := c.wait(ctx, "Service "+name+" answering on "+url, 0, 60*time.Second, func() error {
+		resp, err := httpc.Get(url)
+		if err != nil {
+			return err
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		if strings.TrimSpace(string(b)) != body {
+			return fmt.Errorf("%s: %q", resp.Status, b)
+		}
+		return nil
+	}); err != nil {
+		return err
+	}
+	pods, err := c.Client.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{LabelSelector: "app=" + name})
+	if err != nil || len(pods.Items) == 0 {
+		return fmt.Errorf("the Deployment's pod: %v (%d pods)", err, len(pods.Items))
+	}
+	// Plain HTTP to the apiserver's TLS port: its "400 Bad Request" proves
+	// the path through the Service without a TLS client in busybox.
+	out, _ := c.Kubectl(ctx, "exec", "-n", ns, pods.Items[0].Name, "--", "sh", "-c",
+		`cat /var/run/secrets/kubernetes.io/serviceaccount/namespace; echo; printf 'GET / HTTP/1.0\r\n\r\n' | nc -w 5 $KUBERNETES_SERVICE_HOST $KUBERNETES_SERVICE_PORT 2>&1`)
+	if lines := strings.SplitN(string(out), "\n", 2); len(lines) < 2 || lines[0] != ns || !strings.Contains(lines[1], "400") {
+		return fmt.Errorf("in the Deployment's pod, want the ServiceAccount namespace %q and the apiserver's 400 through the kubernetes Service, got %q", ns, out)
+	}
+	return nil
 }

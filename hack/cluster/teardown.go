@@ -61,7 +61,13 @@ func down(dir string, log io.Writer) error {
 		return Proc{}, false
 	}
 
-	// 1. Pods, through the API, while kubelet and apiserver run.
+	// 1. Pods, through the API, while kubelet and apiserver run; first the
+	// controllers, which would make new ones.
+	for _, name := range []string{"kube-controller-manager", "kube-scheduler"} {
+		if p, ok := proc(name); ok {
+			stop(p, 10*time.Second)
+		}
+	}
 	kl, okK := proc("kubelet")
 	as, okA := proc("kube-apiserver")
 	if okK && okA && alive(kl) && alive(as) && st.Kubeconfig != "" {

@@ -35,18 +35,23 @@ const (
 	nsIOPS     = 200 // optedIn's default, kubediskguard.io/iops
 	dbRead     = 100 // container.kubediskguard.io/db
 	dbWrite    = 50
+	liveRead   = 300 // kubediskguard.io/read-iops annotated on a running pod
+	totalIOPS  = 500 // DATA_TOTAL_IOPS of testDataTotalIOPS
 	fioSeconds = 4
 	fioFileMiB = 64
 	tolerance  = 0.10
 	repoRoot   = "../.."
+
+	// kubepodsBlkio is the kubepods cgroup the kubelet (cgroupfs driver)
+	// makes in the v1 blkio hierarchy; cluster.BlkioCgroup is below it.
+	kubepodsBlkio = "/sys/fs/cgroup/blkio/kubepods"
 )
 
 // env is the package's cluster with KubeDiskGuard running on it.
 type env struct {
-	c       *cluster.Cluster
-	dir     string
-	webhook *kdg.Webhook
-	applier *kdg.Proc
+	c   *cluster.Cluster
+	dir string
+	g   guard
 }
 
 func (e *env) data(parts ...string) string {
@@ -62,7 +67,12 @@ func TestE2E(t *testing.T) {
 	e := setUp(t)
 
 	t.Run("Throttle", e.testThrottle)
+	// These two reuse Throttle's pods.
+	t.Run("ContainerRestartKeepsLimit", e.testContainerRestart)
+	t.Run("AnnotateChangesLimitLive", e.testAnnotateLive)
 	t.Run("WebhookDown", e.testWebhookDown)
+	t.Run("ApplierCrashLosesNothing", e.testApplierCrash)
+	t.Run("DataTotalIOPS", e.testDataTotalIOPS)
 }
 
 func setUp(t *testing.T) *env {
@@ -102,17 +112,28 @@ func setUp(t *testing.T) *env {
 	if e.c, err = cluster.Up(ctx, cfg); err != nil {
 		t.Fatalf("cluster up: %v", err)
 	}
-	if e.webhook, err = kdg.StartWebhook(ctx, e.c, filepath.Join(bin, "kubediskguard-webhook"), filepath.Join(dir, "webhook-certs"), filepath.Join(dir, "logs", "webhook.log")); err != nil {
+	b := &binaries{c: e.c, dir: dir, bin: bin, data: e.data()}
+	e.g = b
+	if b.webhook, err = kdg.StartWebhook(ctx, e.c, filepath.Join(bin, "kubediskguard-webhook"), filepath.Join(dir, "webhook-certs"), filepath.Join(dir, "logs", "webhook.log")); err != nil {
 		t.Fatalf("webhook: %v", err)
 	}
-	if err := e.webhook.Register(ctx, e.c, filepath.Join(repoRoot, "manifests/webhook/mutatingwebhookconfiguration.yaml"), filepath.Join(dir, "mwc.yaml")); err != nil {
+	if err := b.webhook.Register(ctx, e.c, filepath.Join(repoRoot, "manifests/webhook/mutatingwebhookconfiguration.yaml"), filepath.Join(dir, "mwc.yaml")); err != nil {
 		t.Fatalf("registering the webhook: %v", err)
 	}
-	if e.applier, err = kdg.StartApplier(ctx, e.c, filepath.Join(bin, "kubediskguard-applier"), e.data(), filepath.Join(dir, "logs", "applier.log"), "CHECK_INTERVAL=5"); err != nil {
+	if err := b.StartApplier(ctx); err != nil {
 		t.Fatalf("applier: %v", err)
 	}
-	if err := kdg.WriteDataFile(e.data("read.dat"), fioFileMiB); err != nil {
+	if err := e.prepare(ctx); err != nil {
 		t.Fatal(err)
+	}
+	return e
+}
+
+// prepare writes the shared fio data file and makes the test namespaces:
+// optedIn opted in with a default of nsIOPS, notOptedIn not.
+func (e *env) prepare(ctx context.Context) error {
+	if err := kdg.WriteDataFile(e.data("read.dat"), fioFileMiB); err != nil {
+		return err
 	}
 	for _, args := range [][]string{
 		{"create", "namespace", optedIn},
@@ -121,23 +142,47 @@ func setUp(t *testing.T) *env {
 		{"create", "namespace", notOptedIn},
 	} {
 		if _, err := e.c.Kubectl(ctx, args...); err != nil {
-			t.Fatal(err)
+			return err
 		}
 	}
-	return e
+	if !e.c.Full {
+		return nil
+	}
+	// With the ServiceAccount admission plugin, a pod is refused until the
+	// controller-manager made its namespace's `default` ServiceAccount.
+	for _, ns := range []string{optedIn, notOptedIn} {
+		if err := wait(ctx, "ServiceAccount "+ns+"/default", 30*time.Second, func() error {
+			_, err := e.c.Client.CoreV1().ServiceAccounts(ns).Get(ctx, "default", metav1.GetOptions{})
+			return err
+		}); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// wait polls ok every 200 ms until it returns nil or timeout passes.
+func wait(ctx context.Context, what string, timeout time.Duration, ok func() error) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		err := ok()
+		if err == nil {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%s: not after %s: %w", what, timeout, err)
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%s: %w (last: %v)", what, ctx.Err(), err)
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
 }
 
 func (e *env) tearDown(t *testing.T) {
-	if t.Failed() {
-		for _, f := range []string{"webhook.log", "applier.log"} {
-			t.Logf("%s:\n%s", f, kdg.Tail(filepath.Join(e.dir, "logs", f), 30))
-		}
-	}
-	if e.applier != nil {
-		e.applier.Stop()
-	}
-	if e.webhook != nil {
-		e.webhook.Stop()
+	if e.g != nil {
+		e.g.Close(t)
 	}
 	if e.c != nil {
 		if err := cluster.Down(e.c.Dir, testWriter{t}); err != nil {
@@ -149,6 +194,32 @@ func (e *env) tearDown(t *testing.T) {
 		return
 	}
 	os.RemoveAll(e.dir)
+}
+
+// restoreApplier, for t.Cleanup, brings back the applier the other tests
+// expect if a test left it stopped, dead or configured otherwise.
+func (e *env) restoreApplier(t *testing.T) {
+	if e.g.ApplierAsSetUp() {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	if err := e.g.StopApplier(ctx, false); err != nil {
+		t.Errorf("stopping the applier: %v", err)
+	}
+	if err := e.g.StartApplier(ctx); err != nil {
+		t.Errorf("restarting the applier: %v", err)
+	}
+}
+
+// pod gets a pod an earlier test made.
+func (e *env) pod(ctx context.Context, t *testing.T, ns, name string) *corev1.Pod {
+	t.Helper()
+	p, err := e.c.Client.CoreV1().Pods(ns).Get(ctx, name, metav1.GetOptions{})
+	if err != nil {
+		t.Fatalf("pod %s/%s (made by an earlier test): %v", ns, name, err)
+	}
+	return p
 }
 
 // fioContainer loops fio runs: a 4k random-read job on the shared data file
@@ -251,22 +322,30 @@ func (e *env) testThrottle(t *testing.T) {
 			t.Fatal(err)
 		}
 		what := fmt.Sprintf("%s/%s %s", w.pod.Namespace, w.pod.Name, w.container)
-		t.Logf("%-28s read %7.1f IOPS (limit %d)  write %7.1f IOPS (limit %d)", what, r.ReadIOPS, w.read, r.WriteIOPS, w.write)
 		if w.read == 0 {
+			t.Logf("%-28s read %7.1f IOPS (limit %d)  write %7.1f IOPS (limit %d)", what, r.ReadIOPS, w.read, r.WriteIOPS, w.write)
 			// Unthrottled: well above any limit in play.
 			if r.ReadIOPS < 1.5*maxLimit {
 				t.Errorf("%s: %.1f read IOPS: throttled, want > %.0f (not limited)", what, r.ReadIOPS, 1.5*maxLimit)
 			}
 			continue
 		}
-		for _, m := range []struct {
-			dir   string
-			got   float64
-			limit int
-		}{{"read", r.ReadIOPS, w.read}, {"write", r.WriteIOPS, w.write}} {
-			if math.Abs(m.got-float64(m.limit)) > tolerance*float64(m.limit) {
-				t.Errorf("%s: %.1f %s IOPS, want %d ± %.0f%%", what, m.got, m.dir, m.limit, tolerance*100)
-			}
+		checkRun(t, what, r, w.read, w.write)
+	}
+}
+
+// checkRun logs a fio run's read and write IOPS and asserts that each is
+// within tolerance of its limit.
+func checkRun(t *testing.T, what string, r kdg.FioRun, read, write int) {
+	t.Helper()
+	t.Logf("%-28s read %7.1f IOPS (limit %d)  write %7.1f IOPS (limit %d)", what, r.ReadIOPS, read, r.WriteIOPS, write)
+	for _, m := range []struct {
+		dir   string
+		got   float64
+		limit int
+	}{{"read", r.ReadIOPS, read}, {"write", r.WriteIOPS, write}} {
+		if math.Abs(m.got-float64(m.limit)) > tolerance*float64(m.limit) {
+			t.Errorf("%s: %.1f %s IOPS, want %d ± %.0f%%", what, m.got, m.dir, m.limit, tolerance*100)
 		}
 	}
 }
@@ -275,35 +354,50 @@ func (e *env) testThrottle(t *testing.T) {
 // write as IOPS limits (0: no limit at all), and returns when it saw them.
 func (e *env) waitCgroup(ctx context.Context, t *testing.T, pod *corev1.Pod, container string, read, write int) time.Time {
 	t.Helper()
+	return e.waitCgroupBy(ctx, t, time.Now().Add(30*time.Second), pod, container, read, write)
+}
+
+// waitCgroupBy is waitCgroup with a deadline.
+func (e *env) waitCgroupBy(ctx context.Context, t *testing.T, deadline time.Time, pod *corev1.Pod, container string, read, write int) time.Time {
+	t.Helper()
 	dir := cluster.BlkioCgroup(pod, cluster.ContainerID(pod, container))
-	check := func(file string, want int) (string, bool) {
-		b, err := os.ReadFile(filepath.Join(dir, file))
-		if err != nil {
-			return err.Error(), false
-		}
-		s := strings.TrimSpace(string(b))
-		if want == 0 {
-			return s, s == ""
-		}
-		for _, line := range strings.Split(s, "\n") {
-			if f := strings.Fields(line); len(f) == 2 && f[1] == fmt.Sprint(want) {
-				return s, true
-			}
-		}
-		return s, false
-	}
-	deadline := time.Now().Add(30 * time.Second)
 	for {
-		r, okR := check("blkio.throttle.read_iops_device", read)
-		w, okW := check("blkio.throttle.write_iops_device", write)
-		if okR && okW {
+		r, w := iopsFiles(dir)
+		if holds(r, read) && holds(w, write) {
 			return time.Now()
 		}
 		if time.Now().After(deadline) || ctx.Err() != nil {
-			t.Fatalf("%s/%s %s: read_iops_device %q write_iops_device %q, want %d and %d (0: empty) after 30s", pod.Namespace, pod.Name, container, r, w, read, write)
+			t.Fatalf("%s/%s %s: read_iops_device %q write_iops_device %q, want %d and %d (0: empty) by %s", pod.Namespace, pod.Name, container, r, w, read, write, deadline.Format(time.TimeOnly))
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
+}
+
+// iopsFiles returns the trimmed contents of the cgroup's
+// blkio.throttle.{read,write}_iops_device (an error's text if unreadable).
+func iopsFiles(dir string) (read, write string) {
+	get := func(file string) string {
+		b, err := os.ReadFile(filepath.Join(dir, file))
+		if err != nil {
+			return err.Error()
+		}
+		return strings.TrimSpace(string(b))
+	}
+	return get("blkio.throttle.read_iops_device"), get("blkio.throttle.write_iops_device")
+}
+
+// holds reports whether a blkio throttle file's contents limit some device
+// to want, or, for want 0, limit nothing.
+func holds(content string, want int) bool {
+	if want == 0 {
+		return content == ""
+	}
+	for _, line := range strings.Split(content, "\n") {
+		if f := strings.Fields(line); len(f) == 2 && f[1] == fmt.Sprint(want) {
+			return true
+		}
+	}
+	return false
 }
 
 // nextRun waits for the container's first fio run that started after since.
@@ -331,19 +425,21 @@ func (e *env) nextRun(ctx context.Context, pod *corev1.Pod, container string, si
 	}
 }
 
-// testWebhookDown: with the webhook killed, the apiserver refuses pods in
+// testWebhookDown: with the webhook stopped, the apiserver refuses pods in
 // the opted-in namespace (failurePolicy Fail) and still admits them
 // elsewhere; once it is back, opted-in pods are admitted with limits.
 func (e *env) testWebhookDown(t *testing.T) {
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	pods := e.c.Client.CoreV1()
-	e.webhook.Kill()
+	if err := e.g.StopWebhook(ctx); err != nil {
+		t.Fatalf("stopping the webhook: %v", err)
+	}
 	t.Cleanup(func() {
-		if !e.webhook.Alive() {
-			if err := e.webhook.Restart(context.Background()); err != nil {
-				t.Errorf("restarting the webhook: %v", err)
-			}
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		defer cancel()
+		if err := e.g.StartWebhook(ctx); err != nil {
+			t.Errorf("restarting the webhook: %v", err)
 		}
 	})
 
@@ -363,7 +459,7 @@ func (e *env) testWebhookDown(t *testing.T) {
 		t.Errorf("pod in %s (not opted in) refused with the webhook down: %v", notOptedIn, err)
 	}
 
-	if err := e.webhook.Restart(ctx); err != nil {
+	if err := e.g.StartWebhook(ctx); err != nil {
 		t.Fatalf("restarting the webhook: %v", err)
 	}
 	var p *corev1.Pod

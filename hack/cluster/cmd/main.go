@@ -29,6 +29,7 @@ func main() {
 	detach := fs.Bool("detach", false, "up: return once the node is Ready, leaving the cluster running")
 	smoke := fs.Bool("smoke", true, "up: run a pod and kubectl exec in it once the node is Ready")
 	podNet := fs.Bool("pod-network", false, "up: a bridge CNI network, so pods need not be hostNetwork")
+	full := fs.Bool("full", false, "up: also kube-controller-manager, kube-scheduler, kube-proxy and ServiceAccount tokens (implies -pod-network)")
 	fs.Parse(os.Args[2:])
 
 	switch os.Args[1] {
@@ -40,7 +41,7 @@ func main() {
 	case "up":
 		ctx, stopSignals := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 		defer stopSignals()
-		c, err := cluster.Up(ctx, cluster.Config{Dir: *dir, PodNetwork: *podNet})
+		c, err := cluster.Up(ctx, cluster.Config{Dir: *dir, PodNetwork: *podNet, Full: *full})
 		if err != nil {
 			fmt.Fprintln(os.Stderr, "up:", err)
 			os.Exit(1)

@@ -1,0 +1,153 @@
+package e2e
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/kubediskguard/kubediskguard/applier/cgroup"
+	"github.com/kubediskguard/kubediskguard/applier/device"
+)
+
+// testDataTotalIOPS: DATA_TOTAL_IOPS on this node, whose block IO is cgroup
+// v1. The applier, restarted with DATA_TOTAL_IOPS=N, writes N for the data
+// disk on the kubepods cgroup the kubelet made, and logs at start that on
+// cgroup v1 this does not cap the pods below kubepods. That is measured here
+// too: the v1 blkio throttle is flat, so a pod below kubepods (free, not
+// limited itself) does far more than N. Restarted with DATA_TOTAL_IOPS=0,
+// it clears the cap and leaves the containers' own limits alone; restarted
+// without the setting, the default cap (3000) is back.
+//
+// That the cap holds the pods together on cgroup v2 is proven on a v2
+// kernel in a VM: applier/cgroup's TestCgroupV2InVM.
+func (e *env) testDataTotalIOPS(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	t.Cleanup(func() { e.restoreApplier(t) })
+	devs, err := (&device.Resolver{}).DataDevices(e.data(), "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	restart := func(extra ...string) {
+		t.Helper()
+		if err := e.g.StopApplier(ctx, false); err != nil {
+			t.Fatalf("stopping the applier: %v", err)
+		}
+		if err := e.g.StartApplier(ctx, extra...); err != nil {
+			t.Fatalf("restarting the applier with %v: %v", extra, err)
+		}
+	}
+	// waitCap waits until kubepods's IOPS files limit every data device to
+	// iops (0: limit none of them) and returns when it saw them.
+	waitCap := func(iops uint64) time.Time {
+		t.Helper()
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			r, w := iopsFiles(kubepodsBlkio)
+			if capIs(r, devs, iops) && capIs(w, devs, iops) {
+				t.Logf("DATA_TOTAL_IOPS=%d: %s read_iops_device %q write_iops_device %q", iops, kubepodsBlkio, r, w)
+				return time.Now()
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("DATA_TOTAL_IOPS=%d: %s read_iops_device %q write_iops_device %q, want %d for %v (0: none) 5s after the applier was ready",
+					iops, kubepodsBlkio, r, w, iops, devs)
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	}
+
+	restart(fmt.Sprintf("DATA_TOTAL_IOPS=%d", totalIOPS))
+	since := waitCap(totalIOPS)
+	log := e.applierLog(ctx, t)
+	if n, ok := v1Notice(log); !ok {
+		t.Errorf("the applier did not log that on cgroup v1 DATA_TOTAL_IOPS does not cap the pods below kubepods; its log:\n%s", tail(log, 20))
+	} else if n.DataTotalIOPS != totalIOPS {
+		t.Errorf("the applier's cgroup v1 notice names dataTotalIOPS %d, want %d: %s", n.DataTotalIOPS, totalIOPS, n.Msg)
+	} else {
+		t.Logf("the applier logged: %s (dataTotalIOPS %d)", n.Msg, n.DataTotalIOPS)
+	}
+	// What that notice says: a pod below kubepods alone does far more.
+	free := e.pod(ctx, t, notOptedIn, "free")
+	r, err := e.nextRun(ctx, free, "app", since)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("%s/free app with kubepods capped at %d: read %.1f write %.1f IOPS", notOptedIn, totalIOPS, r.ReadIOPS, r.WriteIOPS)
+	if r.ReadIOPS < 2*totalIOPS || r.WriteIOPS < 2*totalIOPS {
+		t.Errorf("%s/free app: read %.1f write %.1f IOPS with kubepods capped at %d, want both above %d: the cap held a pod below kubepods on cgroup v1, contrary to what the applier logs and the README says",
+			notOptedIn, r.ReadIOPS, r.WriteIOPS, totalIOPS, 2*totalIOPS)
+	}
+
+	restart("DATA_TOTAL_IOPS=0")
+	waitCap(0)
+	if n, ok := v1Notice(e.applierLog(ctx, t)); ok {
+		t.Errorf("with DATA_TOTAL_IOPS=0 (no cap) the applier still logs the cgroup v1 notice: %s", n.Msg)
+	}
+	// Clearing the cap leaves the containers' own limits.
+	limited := e.pod(ctx, t, optedIn, "limited")
+	e.waitCgroupBy(ctx, t, time.Now(), limited, "db", dbRead, dbWrite)
+
+	restart()
+	waitCap(3000)
+}
+
+// capIs reports whether a blkio throttle file's contents limit every one of
+// devs to iops, or, for iops 0, none of them.
+func capIs(content string, devs []device.Device, iops uint64) bool {
+	got, err := cgroup.ParseV1File(content)
+	if err != nil {
+		return false
+	}
+	for _, d := range devs {
+		if v, ok := got[d]; (iops == 0 && ok) || (iops != 0 && v != iops) {
+			return false
+		}
+	}
+	return true
+}
+
+// notice is a line of the applier's JSON log.
+type notice struct {
+	Msg           string `json:"msg"`
+	DataTotalIOPS uint64 `json:"dataTotalIOPS"`
+}
+
+// v1Notice finds, in the applier's log, its start-up notice that on cgroup
+// v1 DATA_TOTAL_IOPS does not cap the pods below kubepods.
+func v1Notice(log string) (notice, bool) {
+	sc := bufio.NewScanner(strings.NewReader(log))
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		var n notice
+		if json.Unmarshal(sc.Bytes(), &n) != nil {
+			continue
+		}
+		if strings.Contains(n.Msg, "cgroup v1") && strings.Contains(n.Msg, "DATA_TOTAL_IOPS") && strings.Contains(n.Msg, "not hierarchical") {
+			return n, true
+		}
+	}
+	return notice{}, false
+}
+
+// applierLog is the running applier's log so far.
+func (e *env) applierLog(ctx context.Context, t *testing.T) string {
+	t.Helper()
+	log, err := e.g.ApplierLog(ctx)
+	if err != nil {
+		t.Fatalf("the applier's log: %v", err)
+	}
+	return log
+}
+
+// tail is the last n lines of s.
+func tail(s string, n int) string {
+	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}

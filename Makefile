@@ -22,8 +22,9 @@ export KDG_VM_DIR := $(VM_DIR)
 # Debian packages the real-component tests use: containerd and runc (the
 # containerd runtime tests), docker.io (dockerd, for the Docker runtime tests),
 # busybox-static (the containers' root filesystem), fio (IO measurements),
-# containernetworking-plugins (the local cluster's pod network).
-HOST_PACKAGES := containerd runc docker.io busybox-static fio containernetworking-plugins
+# containernetworking-plugins (the local cluster's pod network), iptables
+# (kube-proxy in the deployment test's cluster), iproute2 (its pod bridge).
+HOST_PACKAGES := containerd runc docker.io busybox-static fio containernetworking-plugins iptables iproute2
 
 ## build: the two binaries into bin/
 build:
@@ -38,9 +39,9 @@ host-deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
-## test-bins: the pinned kube-apiserver, etcd, kubectl, kube-controller-manager and kubelet
+## test-bins: the pinned etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kube-proxy, kubectl, kubelet and cert-manager-local
 test-bins: $(TEST_BIN_DIR)/.complete
-$(TEST_BIN_DIR)/.complete: hack/test-bins.sh hack/tools/kube/go.mod hack/tools/etcd/go.mod
+$(TEST_BIN_DIR)/.complete: hack/test-bins.sh hack/tools/kube/go.mod hack/tools/etcd/go.mod hack/tools/certmanager/go.mod
 	KUBE_VERSION=$(KUBE_VERSION) ETCD_VERSION=$(ETCD_VERSION) bash hack/test-bins.sh $(TEST_BIN_DIR)
 	touch $@
 

@@ -2,7 +2,7 @@
 # Builds the pinned Kubernetes control-plane/node binaries and etcd used by the
 # integration/e2e tests (envtest KUBEBUILDER_ASSETS, real single-node cluster):
 #
-#   kube-apiserver kube-controller-manager kubectl kubelet   (k8s.io/kubernetes)
+#   kube-apiserver kube-controller-manager kube-scheduler kube-proxy kubectl kubelet (k8s.io/kubernetes)
 #   etcd                                                     (go.etcd.io/etcd/server/v3)
 #
 # Usage:
@@ -27,7 +27,7 @@ set -euo pipefail
 KUBE_VERSION="${KUBE_VERSION:-v1.36.3}"
 ETCD_VERSION="${ETCD_VERSION:-v3.6.8}"
 
-KUBE_CMDS=(kube-apiserver kube-controller-manager kubectl kubelet)
+KUBE_CMDS=(kube-apiserver kube-controller-manager kube-scheduler kube-proxy kubectl kubelet)
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 KUBE_MOD_DIR="${ROOT}/hack/tools/kube"
@@ -202,4 +202,19 @@ else
   log "etcd ${ETCD_VERSION} already in ${OUTDIR}"
 fi
 
-log "ready: ${OUTDIR} ($(cd "${OUTDIR}" && ls kube-apiserver kube-controller-manager kubectl kubelet etcd | tr '\n' ' '))"
+# --- cert-manager -------------------------------------------------------------
+# cert-manager-local: cert-manager's certificate/issuer controllers and CA
+# injector in one binary, from the throwaway module hack/tools/certmanager (see
+# its README.md) at the cert-manager version it pins, which must be the one
+# the product's go.mod requires (its CRDs are installed from there).
+CERTMANAGER_MOD_DIR="${ROOT}/hack/tools/certmanager"
+CERTMANAGER_VERSION="$(pinned_version "${CERTMANAGER_MOD_DIR}/go.mod" github.com/cert-manager/cert-manager)"
+if ! present cert-manager-local; then
+  log "building cert-manager-local (cert-manager ${CERTMANAGER_VERSION}) into ${OUTDIR} (cold: ~3 min, ~1.1 GB RSS)..."
+  build_into "${CERTMANAGER_MOD_DIR}" "-s -w -X github.com/cert-manager/cert-manager/pkg/util.AppVersion=${CERTMANAGER_VERSION}" \
+    cert-manager-local -- kubediskguard.test/tools/certmanager
+else
+  log "cert-manager-local ${CERTMANAGER_VERSION} already in ${OUTDIR}"
+fi
+
+log "ready: ${OUTDIR} ($(cd "${OUTDIR}" && ls "${KUBE_CMDS[@]}" etcd cert-manager-local | tr '\n' ' '))"

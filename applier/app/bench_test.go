@@ -27,7 +27,7 @@ import (
 	"github.com/containerd/typeurl/v2"
 
 	"github.com/kubediskguard/kubediskguard/applier/device"
-	"github.com/kubediskguard/kubediskguard/applier/internal/runtimetest"
+	"github.com/kubediskguard/kubediskguard/hack/runtimetest"
 	"github.com/kubediskguard/kubediskguard/shared/limits"
 )
 

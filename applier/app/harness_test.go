@@ -37,7 +37,7 @@ import (
 	"github.com/kubediskguard/kubediskguard/applier/app"
 	"github.com/kubediskguard/kubediskguard/applier/cgroup"
 	"github.com/kubediskguard/kubediskguard/applier/device"
-	"github.com/kubediskguard/kubediskguard/applier/internal/runtimetest"
+	"github.com/kubediskguard/kubediskguard/hack/runtimetest"
 	"github.com/kubediskguard/kubediskguard/shared/limits"
 	"github.com/kubediskguard/kubediskguard/shared/realtest"
 )

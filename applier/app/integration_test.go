@@ -22,7 +22,7 @@ import (
 
 	"github.com/kubediskguard/kubediskguard/applier/app"
 	"github.com/kubediskguard/kubediskguard/applier/cgroup"
-	"github.com/kubediskguard/kubediskguard/applier/internal/runtimetest"
+	"github.com/kubediskguard/kubediskguard/hack/runtimetest"
 	"github.com/kubediskguard/kubediskguard/shared/limits"
 )
 

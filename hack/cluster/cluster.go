@@ -256,7 +256,9 @@ func Up(ctx context.Context, cfg Config) (_ *Cluster, err error) {
 		return nil, err
 	}
 	c := &Cluster{Config: cfg}
-	c.State.ContainerdAddress = c.path("containerd", "containerd.sock")
+	// The socket has a folder of its own, which a DaemonSet can mount
+	// without the runtime's root and its rootfs mounts.
+	c.State.ContainerdAddress = c.path("containerd-run", "containerd.sock")
 	c.State.ContainerdStateDir = c.path("containerd", "state")
 	c.State.Kubeconfig = c.path("admin.kubeconfig")
 	if err := os.MkdirAll(c.path("logs"), 0o755); err != nil {
@@ -442,6 +444,9 @@ func (c *Cluster) startContainerd(ctx context.Context) error {
 		if err := os.MkdirAll(filepath.Join(d, sub), 0o755); err != nil {
 			return err
 		}
+	}
+	if err := os.MkdirAll(filepath.Dir(c.ContainerdAddress), 0o755); err != nil {
+		return err
 	}
 	conflist := `{"cniVersion": "0.4.0", "name": "kdg-loopback", "plugins": [{"type": "loopback"}]}`
 	if c.PodNetwork {
@@ -688,7 +693,7 @@ func (c *Cluster) Env() []string {
 // stateDirEntries are the names the harness writes in its state dir.
 var stateDirEntries = map[string]bool{
 	"logs": true, "pki": true, "images": true, "etcd": true, "apiserver": true, "containerd": true,
-	"kubelet": true, "kubelet-pki": true, "kubelet-pod-logs": true, "cni-ipam": true,
+	"containerd-run": true, "kubelet": true, "kubelet-pki": true, "kubelet-pod-logs": true, "cni-ipam": true,
 	"admin.kubeconfig": true, "kubelet.kubeconfig": true, "kubelet.yaml": true, "kube-proxy.yaml": true, "state.json.tmp": true,
 }
 

@@ -9,8 +9,8 @@ import (
 
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 
-	"github.com/kubediskguard/kubediskguard/applier/internal/runtimetest"
 	"github.com/kubediskguard/kubediskguard/applier/runtime/containerd"
+	"github.com/kubediskguard/kubediskguard/hack/runtimetest"
 )
 
 // TestRealRuntime connects, by kind and by auto-detection, to a private

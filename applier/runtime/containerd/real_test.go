@@ -12,9 +12,9 @@ import (
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 
 	"github.com/kubediskguard/kubediskguard/applier/cgroup"
-	"github.com/kubediskguard/kubediskguard/applier/internal/runtimetest"
 	"github.com/kubediskguard/kubediskguard/applier/runtime"
 	"github.com/kubediskguard/kubediskguard/applier/runtime/containerd"
+	"github.com/kubediskguard/kubediskguard/hack/runtimetest"
 )
 
 const eventTimeout = 10 * time.Second

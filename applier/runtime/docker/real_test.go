@@ -10,9 +10,9 @@ import (
 	"github.com/docker/docker/api/types/container"
 
 	"github.com/kubediskguard/kubediskguard/applier/cgroup"
-	"github.com/kubediskguard/kubediskguard/applier/internal/runtimetest"
 	"github.com/kubediskguard/kubediskguard/applier/runtime"
 	"github.com/kubediskguard/kubediskguard/applier/runtime/docker"
+	"github.com/kubediskguard/kubediskguard/hack/runtimetest"
 )
 
 const eventTimeout = 10 * time.Second

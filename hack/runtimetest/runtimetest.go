@@ -1,7 +1,9 @@
 // Package runtimetest starts private containerd and dockerd daemons for the
-// real tests of the runtime packages, each in its own temporary directory
-// and never on the host's default sockets, and undoes what they leave on
-// the host: processes (stopped by PID), mounts and cgroups.
+// real tests of the runtime packages (StartContainerd, StartDockerd) and for
+// test tooling outside a test (LaunchContainerd, LaunchDockerd, such as the
+// image builds of hack/images), each in its own directory and never on the
+// host's default sockets, and undoes what they leave on the host: processes
+// (stopped by PID), mounts and cgroups.
 package runtimetest
 
 import (
@@ -11,6 +13,7 @@ import (
 	"debug/elf"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"maps"
 	"net"
@@ -83,17 +86,26 @@ func Hierarchy(t testing.TB) *cgroup.Hierarchy {
 // /usr/sbin and /usr/bin, or stops the test saying which packages have it.
 func Bin(t testing.TB, name, packages string) string {
 	t.Helper()
+	p, err := lookBin(name, packages)
+	if err != nil {
+		realtest.Missing(t, name+" is not installed", packages)
+	}
+	return p
+}
+
+// lookBin returns the path of the program name, looked up in PATH and in
+// /usr/sbin and /usr/bin, or an error that says which packages have it.
+func lookBin(name, packages string) (string, error) {
 	if p, err := exec.LookPath(name); err == nil {
-		return p
+		return p, nil
 	}
 	for _, dir := range []string{"/usr/sbin", "/usr/bin", "/sbin", "/bin"} {
 		p := filepath.Join(dir, name)
 		if fi, err := os.Stat(p); err == nil && fi.Mode().IsRegular() && fi.Mode()&0o111 != 0 {
-			return p
+			return p, nil
 		}
 	}
-	realtest.Missing(t, name+" is not installed", packages)
-	return ""
+	return "", fmt.Errorf("%s is not installed (get it with: %s)", name, packages)
 }
 
 // daemonEnv is the environment of the daemons: they find runc and the
@@ -155,9 +167,20 @@ func RootfsTar(t testing.TB) []byte {
 	return buf.Bytes()
 }
 
-// busybox returns the path of a statically linked busybox.
+// busybox returns the path of a statically linked busybox, or stops the
+// test saying which package has it.
 func busybox(t testing.TB) string {
 	t.Helper()
+	p, err := Busybox()
+	if err != nil {
+		realtest.Missing(t, "a statically linked busybox (for the containers' root filesystem)", BusyboxPackages)
+	}
+	return p
+}
+
+// Busybox returns the path of a statically linked busybox (Debian's
+// busybox-static), for root filesystems with nothing else in them.
+func Busybox() (string, error) {
 	for _, p := range []string{"/bin/busybox", "/usr/bin/busybox"} {
 		f, err := elf.Open(p)
 		if err != nil {
@@ -171,30 +194,59 @@ func busybox(t testing.TB) string {
 		}
 		f.Close()
 		if static {
-			return p
+			return p, nil
 		}
 	}
-	realtest.Missing(t, "a statically linked busybox (for the containers' root filesystem)", BusyboxPackages)
-	return ""
+	return "", fmt.Errorf("no statically linked busybox in /bin or /usr/bin (get it with: %s)", BusyboxPackages)
 }
 
-// daemon is a daemon process started by a test.
+// Options say where a daemon that LaunchContainerd or LaunchDockerd starts
+// outside a test keeps its files, and where it reports.
+type Options struct {
+	// Dir holds everything of the daemon but a dockerd's data root: its
+	// configuration, sockets, pid file, log and state (and a dockerd's exec
+	// root and containerd). It must exist, and be short enough for the unix
+	// sockets below it (about 60 bytes).
+	Dir string
+	// DataRoot is a dockerd's --data-root, which may be kept across runs
+	// (images, layers, build cache); default Dir/root. containerd has none.
+	DataRoot string
+	// Log gets progress lines: when the daemon is up, what its cleanup
+	// found. Default: none.
+	Log io.Writer
+}
+
+// logf returns a printf to o.Log, one line per call.
+func (o Options) logf() func(format string, args ...any) {
+	w := o.Log
+	if w == nil {
+		w = io.Discard
+	}
+	return func(format string, args ...any) { fmt.Fprintf(w, format+"\n", args...) }
+}
+
+// daemon is a daemon process started by a test or a tool.
 type daemon struct {
 	name   string
-	dir    string // everything of the daemon is below it
+	dir    string // everything of the daemon is below it, but a data root
 	log    string
 	cmd    *exec.Cmd
 	exited chan struct{}
 	// cgroups are removed after the daemon stopped; see CleanupCgroups.
 	cgroups []string
+	// mountDirs are the directories besides dir whose mounts are removed
+	// after the daemon stopped (a dockerd's data root).
+	mountDirs []string
+	// logf reports progress and what the cleanup found: t.Logf, or
+	// Options.Log outside a test.
+	logf func(format string, args ...any)
 }
 
 // start starts the program bin with args, its output appended to d.log.
-func (d *daemon) start(t testing.TB, bin string, args ...string) {
-	t.Helper()
+func (d *daemon) start(bin string, args ...string) error {
 	logf, err := os.OpenFile(d.log, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
-		t.Fatal(err)
+		return fmt.Errorf("starting %s: %w", d.name, err)
 	}
 	defer logf.Close()
 	cmd := exec.Command(bin, args...)
@@ -202,16 +254,18 @@ func (d *daemon) start(t testing.TB, bin string, args ...string) {
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {
-		t.Fatalf("starting %s: %v", d.name, err)
+		return fmt.Errorf("starting %s: %w", d.name, err)
 	}
 	d.cmd, d.exited = cmd, make(chan struct{})
 	go func(exited chan struct{}) {
 		_ = cmd.Wait()
 		close(exited)
 	}(d.exited)
+	return nil
 }
 
-// Dir is the daemon's directory; everything of it is below.
+// Dir is the daemon's directory; everything of it is below, but a
+// dockerd's data root given to LaunchDockerd.
 func (d *daemon) Dir() string { return d.dir }
 
 // running reports whether the daemon's process has not exited.
@@ -229,21 +283,20 @@ func (d *daemon) running() bool {
 
 // waitReady calls ready until it succeeds, the daemon exits or
 // startTimeout passes, and returns how long the daemon took.
-func (d *daemon) waitReady(t testing.TB, started time.Time, ready func(context.Context) error) time.Duration {
-	t.Helper()
+func (d *daemon) waitReady(started time.Time, ready func(context.Context) error) (time.Duration, error) {
 	deadline := started.Add(startTimeout)
 	for {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 		err := ready(ctx)
 		cancel()
 		if err == nil {
-			return time.Since(started)
+			return time.Since(started), nil
 		}
 		if !d.running() {
-			t.Fatalf("%s exited before it answered: %v\n%s", d.name, d.cmd.ProcessState, d.logTail())
+			return 0, fmt.Errorf("%s exited before it answered: %v\n%s", d.name, d.cmd.ProcessState, d.logTail())
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("%s did not answer within %s: %v\n%s", d.name, startTimeout, err, d.logTail())
+			return 0, fmt.Errorf("%s did not answer within %s: %w\n%s", d.name, startTimeout, err, d.logTail())
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
@@ -260,19 +313,20 @@ func (d *daemon) Kill(t testing.TB) {
 	<-d.exited
 }
 
-// stop stops the daemon with SIGTERM, or SIGKILL after stopTimeout.
-func (d *daemon) stop(t testing.TB) {
-	t.Helper()
+// stop stops the daemon with SIGTERM, or SIGKILL after stopTimeout, which
+// is an error.
+func (d *daemon) stop() error {
 	if !d.running() {
-		return
+		return nil
 	}
 	_ = d.cmd.Process.Signal(syscall.SIGTERM)
 	select {
 	case <-d.exited:
+		return nil
 	case <-time.After(stopTimeout):
-		t.Errorf("%s did not exit within %s of SIGTERM; killing it", d.name, stopTimeout)
 		_ = d.cmd.Process.Signal(syscall.SIGKILL)
 		<-d.exited
+		return fmt.Errorf("%s (pid %d) did not exit within %s of SIGTERM; killed it", d.name, d.cmd.Process.Pid, stopTimeout)
 	}
 }
 
@@ -286,19 +340,46 @@ func (d *daemon) logTail() string {
 }
 
 // cleanupHost kills the processes the daemon left (see leftoverPIDs),
-// unmounts what is mounted under its directory and removes the cgroups
-// that CleanupCgroups named.
-func (d *daemon) cleanupHost(t testing.TB) {
-	t.Helper()
+// unmounts what is mounted under its directory and mountDirs and removes
+// the cgroups that CleanupCgroups named.
+func (d *daemon) cleanupHost() error {
 	for _, pid := range leftoverPIDs(d.dir) {
-		t.Logf("%s left process %d; killing it", d.name, pid)
+		d.logf("%s left process %d; killing it", d.name, pid)
 		_ = syscall.Kill(pid, syscall.SIGKILL)
 		for i := 0; i < 500 && alive(pid); i++ {
 			time.Sleep(10 * time.Millisecond)
 		}
 	}
-	unmountUnder(t, d.dir)
-	removeCgroups(t, d.cgroups)
+	var errs []error
+	for _, dir := range append([]string{d.dir}, d.mountDirs...) {
+		errs = append(errs, unmountUnder(dir))
+	}
+	errs = append(errs, removeCgroups(d.cgroups, d.logf))
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("%s cleanup: %w", d.name, err)
+	}
+	return nil
+}
+
+// process is a live process of the host.
+type process struct {
+	pid, ppid int
+	cmdline   []byte // its arguments, each ended by a NUL byte
+}
+
+// processes returns the live processes of the host but this one.
+func processes() []process {
+	entries, _ := os.ReadDir("/proc")
+	var ps []process
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || pid == os.Getpid() || !alive(pid) {
+			continue
+		}
+		cmdline, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
+		ps = append(ps, process{pid: pid, ppid: ppid(pid), cmdline: cmdline})
+	}
+	return ps
 }
 
 // leftoverPIDs returns the live processes that the daemon with directory
@@ -307,23 +388,16 @@ func (d *daemon) cleanupHost(t testing.TB) {
 // processes named by pid files under dir that run in a mount namespace
 // other than ours (container processes whose shim is gone).
 func leftoverPIDs(dir string) []int {
-	entries, _ := os.ReadDir("/proc")
+	ps := processes()
 	ours := map[int]bool{}
-	parent := map[int]int{}
-	for _, e := range entries {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil || pid == os.Getpid() || !alive(pid) {
-			continue
+	for _, p := range ps {
+		if bytes.Contains(p.cmdline, []byte(dir)) {
+			ours[p.pid] = true
 		}
-		cmdline, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", pid))
-		if bytes.Contains(cmdline, []byte(dir)) {
-			ours[pid] = true
-		}
-		parent[pid] = ppid(pid)
 	}
-	for pid, pp := range parent {
-		if ours[pp] {
-			ours[pid] = true
+	for _, p := range ps {
+		if ours[p.ppid] {
+			ours[p.pid] = true
 		}
 	}
 	myNS, _ := os.Readlink("/proc/self/ns/mnt")
@@ -376,30 +450,25 @@ func alive(pid int) bool {
 }
 
 // unmountUnder unmounts, deepest first, every mount point under dir.
-func unmountUnder(t testing.TB, dir string) {
-	t.Helper()
+func unmountUnder(dir string) error {
+	ms, err := device.ReadMountInfo("/proc/self/mountinfo")
+	if err != nil {
+		return fmt.Errorf("listing the mounts under %s: %w", dir, err)
+	}
 	var points []string
-	for _, f := range mountinfo(t) {
-		if strings.HasPrefix(f.MountPoint, dir+"/") {
-			points = append(points, f.MountPoint)
+	for _, m := range ms {
+		if strings.HasPrefix(m.MountPoint, dir+"/") {
+			points = append(points, m.MountPoint)
 		}
 	}
 	slices.SortFunc(points, func(a, b string) int { return strings.Count(b, "/") - strings.Count(a, "/") })
+	var errs []error
 	for _, p := range points {
 		if err := syscall.Unmount(p, syscall.MNT_DETACH); err != nil && !errors.Is(err, syscall.EINVAL) && !errors.Is(err, syscall.ENOENT) {
-			t.Errorf("unmounting %s: %v", p, err)
+			errs = append(errs, fmt.Errorf("unmounting %s: %w", p, err))
 		}
 	}
-}
-
-// mountinfo returns the mounts of this process's mount namespace.
-func mountinfo(t testing.TB) []device.Mount {
-	t.Helper()
-	ms, err := device.ReadMountInfo("/proc/self/mountinfo")
-	if err != nil {
-		t.Fatal(err)
-	}
-	return ms
+	return errors.Join(errs...)
 }
 
 // CleanupCgroups removes, once the daemon stopped when the test ends, the
@@ -411,9 +480,17 @@ func mountinfo(t testing.TB) []device.Mount {
 // makes them.
 func (d *daemon) CleanupCgroups(t testing.TB, paths ...string) {
 	t.Helper()
+	if err := d.cleanupCgroups(paths...); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// cleanupCgroups is CleanupCgroups for a daemon started outside a test:
+// the cgroups are removed when it stops.
+func (d *daemon) cleanupCgroups(paths ...string) error {
 	roots, err := cgroup.Hierarchies("")
 	if err != nil {
-		t.Fatal(err)
+		return fmt.Errorf("listing the cgroup hierarchies: %w", err)
 	}
 	for _, root := range roots {
 		for _, p := range paths {
@@ -426,11 +503,12 @@ func (d *daemon) CleanupCgroups(t testing.TB, paths ...string) {
 			}
 		}
 	}
+	return nil
 }
 
 // removeCgroups removes dirs and the cgroups below them, deepest first.
-func removeCgroups(t testing.TB, dirs []string) {
-	t.Helper()
+// logf reports the cgroups it leaves because they have others below.
+func removeCgroups(dirs []string, logf func(format string, args ...any)) error {
 	var all []string
 	for _, dir := range dirs {
 		_ = filepath.WalkDir(dir, func(p string, e fs.DirEntry, err error) error {
@@ -446,56 +524,66 @@ func removeCgroups(t testing.TB, dirs []string) {
 		}
 		return strings.Compare(a, b)
 	})
+	var errs []error
 	for _, dir := range slices.Compact(all) {
 		if err := os.Remove(dir); err != nil && !errors.Is(err, fs.ErrNotExist) {
 			// Another test's cgroups below it keep it: not ours to remove.
 			if sub, _ := os.ReadDir(dir); slices.ContainsFunc(sub, fs.DirEntry.IsDir) {
-				t.Logf("leaving cgroup %s: it has child cgroups", dir)
+				logf("leaving cgroup %s: it has child cgroups", dir)
 				continue
 			}
 			procs, _ := os.ReadFile(filepath.Join(dir, "cgroup.procs"))
-			t.Errorf("removing cgroup %s: %v (processes: %q)", dir, err, strings.Fields(string(procs)))
+			errs = append(errs, fmt.Errorf("removing cgroup %s: %w (processes: %q)", dir, err, strings.Fields(string(procs))))
 		}
 	}
+	return errors.Join(errs...)
 }
 
-// cleanupShimSockets removes, when the test ends, the sockets that
-// containerd's shims leave in /run/containerd/s, a directory containerd
-// 1.6 uses whatever its configuration says: the sockets that appear there
-// during the test and that nothing listens on by then. It removes the
-// directory and /run/containerd too if they were not there before and are
-// empty.
-func cleanupShimSockets(t testing.TB) {
-	t.Helper()
-	const dir, parent = "/run/containerd/s", "/run/containerd"
-	before := map[string]bool{}
-	entries, err := os.ReadDir(dir)
+// shimSockets are the sockets that containerd's shims leave in
+// /run/containerd/s, a directory containerd 1.6 uses whatever its
+// configuration says, as found when a containerd is started.
+type shimSockets struct {
+	before                    map[string]bool
+	dirExisted, parentExisted bool
+}
+
+const shimSocketDir, shimSocketParent = "/run/containerd/s", "/run/containerd"
+
+// watchShimSockets records the shim sockets there are now.
+func watchShimSockets() shimSockets {
+	s := shimSockets{before: map[string]bool{}}
+	entries, err := os.ReadDir(shimSocketDir)
 	for _, e := range entries {
-		before[e.Name()] = true
+		s.before[e.Name()] = true
 	}
-	dirExisted := err == nil
-	_, err = os.Stat(parent)
-	parentExisted := err == nil
-	t.Cleanup(func() {
-		entries, _ := os.ReadDir(dir)
-		for _, e := range entries {
-			p := filepath.Join(dir, e.Name())
-			if before[e.Name()] || e.Type()&fs.ModeSocket == 0 {
-				continue
-			}
-			if c, err := net.DialTimeout("unix", p, time.Second); err == nil {
-				c.Close()
-				continue
-			}
-			_ = os.Remove(p)
+	s.dirExisted = err == nil
+	_, err = os.Stat(shimSocketParent)
+	s.parentExisted = err == nil
+	return s
+}
+
+// cleanup removes the sockets that appeared since watchShimSockets and
+// that nothing listens on by now, and the directory and /run/containerd
+// too if they were not there before and are empty.
+func (s shimSockets) cleanup() {
+	entries, _ := os.ReadDir(shimSocketDir)
+	for _, e := range entries {
+		p := filepath.Join(shimSocketDir, e.Name())
+		if s.before[e.Name()] || e.Type()&fs.ModeSocket == 0 {
+			continue
 		}
-		if !dirExisted {
-			_ = os.Remove(dir)
+		if c, err := net.DialTimeout("unix", p, time.Second); err == nil {
+			c.Close()
+			continue
 		}
-		if !parentExisted {
-			_ = os.Remove(parent)
-		}
-	})
+		_ = os.Remove(p)
+	}
+	if !s.dirExisted {
+		_ = os.Remove(shimSocketDir)
+	}
+	if !s.parentExisted {
+		_ = os.Remove(shimSocketParent)
+	}
 }
 
 // CleanupDirs removes, when the test ends, each of dirs that does not
@@ -503,15 +591,24 @@ func cleanupShimSockets(t testing.TB) {
 // dockerd makes a plugins directory whatever its configuration says).
 func CleanupDirs(t testing.TB, dirs ...string) {
 	t.Helper()
+	missing := missingDirs(dirs...)
+	t.Cleanup(func() { removeEmptyDirs(missing) })
+}
+
+// missingDirs returns those of dirs that do not exist.
+func missingDirs(dirs ...string) []string {
 	var missing []string
 	for _, dir := range dirs {
 		if _, err := os.Stat(dir); errors.Is(err, fs.ErrNotExist) {
 			missing = append(missing, dir)
 		}
 	}
-	t.Cleanup(func() {
-		for _, dir := range slices.Backward(missing) {
-			_ = os.Remove(dir)
-		}
-	})
+	return missing
+}
+
+// removeEmptyDirs removes each of dirs that is empty, last first.
+func removeEmptyDirs(dirs []string) {
+	for _, dir := range slices.Backward(dirs) {
+		_ = os.Remove(dir)
+	}
 }

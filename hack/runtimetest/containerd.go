@@ -2,6 +2,7 @@ package runtimetest
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -30,6 +31,7 @@ type Containerd struct {
 
 	bin, config, runcRoot string
 	started               bool // Start has run before
+	shims                 shimSockets
 }
 
 // StartContainerd starts a private containerd as root, or stops the test
@@ -43,15 +45,62 @@ func StartContainerd(t testing.TB) *Containerd {
 	Bin(t, "containerd-shim-runc-v2", ContainerdPackages)
 	Bin(t, "runc", ContainerdPackages)
 	lockOnce(t)
-	cleanupShimSockets(t)
 
-	dir := t.TempDir()
+	d, err := newContainerd(bin, t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.logf = t.Logf
+	t.Cleanup(func() {
+		if err := d.shutdown(); err != nil {
+			t.Error(err)
+		}
+		if t.Failed() {
+			t.Log(d.logTail())
+		}
+	})
+	d.Start(t)
+	return d
+}
+
+// LaunchContainerd starts a private containerd, as StartContainerd does,
+// outside a test: its files are in o.Dir. The caller holds the host lock
+// (realtest.HostLock in a test, else flock /tmp/kubediskguard-host.lock)
+// and calls Stop; when LaunchContainerd fails, it has stopped what it
+// started.
+func LaunchContainerd(o Options) (*Containerd, error) {
+	bin, err := lookBin("containerd", ContainerdPackages)
+	if err != nil {
+		return nil, err
+	}
+	for _, name := range []string{"containerd-shim-runc-v2", "runc"} {
+		if _, err := lookBin(name, ContainerdPackages); err != nil {
+			return nil, err
+		}
+	}
+	d, err := newContainerd(bin, o.Dir)
+	if err != nil {
+		return nil, err
+	}
+	d.logf = o.logf()
+	took, err := d.launch()
+	if err != nil {
+		return nil, errors.Join(err, d.Stop())
+	}
+	d.logf("containerd up in %s (pid %d)", took.Round(time.Millisecond), d.cmd.Process.Pid)
+	return d, nil
+}
+
+// newContainerd prepares a containerd bin whose files are in dir: its
+// configuration and a client; it does not start it.
+func newContainerd(bin, dir string) (*Containerd, error) {
 	d := &Containerd{
 		daemon:   daemon{name: "containerd", dir: dir, log: filepath.Join(dir, "containerd.log")},
 		Socket:   filepath.Join(dir, "containerd.sock"),
 		bin:      bin,
 		config:   filepath.Join(dir, "config.toml"),
 		runcRoot: filepath.Join(dir, "runc"),
+		shims:    watchShimSockets(),
 	}
 	config := fmt.Sprintf(`version = 2
 root = %[1]q
@@ -68,38 +117,38 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
   path = %[5]q
 `, filepath.Join(dir, "root"), filepath.Join(dir, "state"), d.Socket, d.Socket+".ttrpc", filepath.Join(dir, "opt"))
 	if err := os.WriteFile(d.config, []byte(config), 0o644); err != nil {
-		t.Fatal(err)
+		return nil, fmt.Errorf("writing the containerd configuration: %w", err)
 	}
 	c, err := client.New(d.Socket)
 	if err != nil {
-		t.Fatal(err)
+		return nil, fmt.Errorf("a client of containerd: %w", err)
 	}
 	d.Client = c
-	t.Cleanup(func() {
-		if d.running() {
-			d.removeContainers(t)
-		}
-		d.Client.Close()
-		d.stop(t)
-		d.cleanupHost(t)
-		if t.Failed() {
-			t.Log(d.logTail())
-		}
-	})
-	d.Start(t)
-	return d
+	return d, nil
 }
 
 // Start starts containerd on its directory, as after a crash or a
 // restart, and waits until it answers.
 func (d *Containerd) Start(t testing.TB) time.Duration {
 	t.Helper()
+	took, err := d.launch()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("containerd up in %s (pid %d)", took.Round(time.Millisecond), d.cmd.Process.Pid)
+	return took
+}
+
+// launch starts containerd and waits until it answers.
+func (d *Containerd) launch() (time.Duration, error) {
 	if d.running() {
-		t.Fatal("containerd is already running")
+		return 0, errors.New("containerd is already running")
 	}
 	started := time.Now()
-	d.start(t, d.bin, "--config", d.config)
-	took := d.waitReady(t, started, func(ctx context.Context) error {
+	if err := d.start(d.bin, "--config", d.config); err != nil {
+		return 0, err
+	}
+	took, err := d.waitReady(started, func(ctx context.Context) error {
 		// A new connection each time: a client that knew the previous
 		// containerd waits out gRPC's reconnection backoff.
 		c, err := client.New(d.Socket)
@@ -110,18 +159,43 @@ func (d *Containerd) Start(t testing.TB) time.Duration {
 		_, err = c.Version(ctx)
 		return err
 	})
-	t.Logf("containerd up in %s (pid %d)", took.Round(time.Millisecond), d.cmd.Process.Pid)
-	if d.Client != nil && d.started {
+	if err != nil {
+		return 0, err
+	}
+	if d.started {
 		// A restart: a fresh client, for the same reason as above.
 		c, err := client.New(d.Socket)
 		if err != nil {
-			t.Fatal(err)
+			return 0, fmt.Errorf("a client of containerd: %w", err)
 		}
 		d.Client.Close()
 		d.Client = c
 	}
 	d.started = true
-	return took
+	return took, nil
+}
+
+// Stop stops a containerd that LaunchContainerd started, after its
+// containers are removed, kills any process it left and undoes what it
+// left on the host (mounts, cgroups, shim sockets). Its directory stays.
+func (d *Containerd) Stop() error {
+	err := d.shutdown()
+	if err != nil {
+		d.logf("%s", d.logTail())
+	}
+	return err
+}
+
+// shutdown removes the containers, stops containerd and cleans up after it.
+func (d *Containerd) shutdown() error {
+	var errs []error
+	if d.running() {
+		errs = append(errs, d.removeContainers())
+	}
+	d.Client.Close()
+	errs = append(errs, d.stop(), d.cleanupHost())
+	d.shims.cleanup()
+	return errors.Join(errs...)
 }
 
 // Container is a container that a test made in a private containerd.
@@ -186,31 +260,31 @@ func (d *Containerd) NewContainer(t testing.TB, spec ContainerSpec) *Container {
 
 // removeContainers kills and deletes the tasks and containers of every
 // namespace.
-func (d *Containerd) removeContainers(t testing.TB) {
-	t.Helper()
+func (d *Containerd) removeContainers() error {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	nss, err := d.Client.NamespaceService().List(ctx)
 	if err != nil {
-		t.Errorf("containerd cleanup: listing namespaces: %v", err)
-		return
+		return fmt.Errorf("containerd cleanup: listing namespaces: %w", err)
 	}
+	var errs []error
 	for _, ns := range nss {
 		ctx := namespaces.WithNamespace(ctx, ns)
 		cs, err := d.Client.Containers(ctx)
 		if err != nil {
-			t.Errorf("containerd cleanup: listing containers of %s: %v", ns, err)
+			errs = append(errs, fmt.Errorf("containerd cleanup: listing containers of %s: %w", ns, err))
 			continue
 		}
 		for _, c := range cs {
 			if task, err := c.Task(ctx, nil); err == nil {
 				if _, err := task.Delete(ctx, client.WithProcessKill); err != nil && !errdefs.IsNotFound(err) {
-					t.Errorf("containerd cleanup: deleting the task of %s: %v", c.ID(), err)
+					errs = append(errs, fmt.Errorf("containerd cleanup: deleting the task of %s: %w", c.ID(), err))
 				}
 			}
 			if err := c.Delete(ctx); err != nil && !errdefs.IsNotFound(err) {
-				t.Errorf("containerd cleanup: deleting container %s: %v", c.ID(), err)
+				errs = append(errs, fmt.Errorf("containerd cleanup: deleting container %s: %w", c.ID(), err))
 			}
 		}
 	}
+	return errors.Join(errs...)
 }

@@ -18,7 +18,6 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"strings"
 	"testing"
 	"time"
 
@@ -33,6 +32,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
 
 	"github.com/kubediskguard/kubediskguard/hack/certmanager"
+	"github.com/kubediskguard/kubediskguard/hack/kdg"
 	"github.com/kubediskguard/kubediskguard/shared/realtest"
 )
 
@@ -105,7 +105,7 @@ func TestCertManagerIssuesTheWebhookCertificateInjectsItsCAAndRenewsIt(t *testin
 			t.Errorf("stopping cert-manager: %v", err)
 		}
 		if t.Failed() || os.Getenv("KDG_TEST_VERBOSE") != "" {
-			t.Logf("cert-manager's log (%s), last lines:\n%s", logFile, lastLines(logFile, 60))
+			t.Logf("cert-manager's log (%s), last lines:\n%s", logFile, kdg.Tail(logFile, 60))
 		}
 	})
 
@@ -329,16 +329,4 @@ func sorted(s []string) []string {
 	s = slices.Clone(s)
 	slices.Sort(s)
 	return s
-}
-
-func lastLines(file string, n int) string {
-	b, err := os.ReadFile(file)
-	if err != nil {
-		return err.Error()
-	}
-	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
-	if len(lines) > n {
-		lines = lines[len(lines)-n:]
-	}
-	return strings.Join(lines, "\n")
 }

@@ -38,6 +38,7 @@ type Proc struct {
 	StartTime string `json:"startTime"` // from /proc/PID/stat: never signal a recycled PID
 	Log       string `json:"log"`
 	exited    chan struct{}
+	waitErr   error // how it exited (cmd.Wait's error), once exited is closed
 }
 
 // Start runs bin with env added to this process's, its output in logFile,
@@ -56,8 +57,21 @@ func Start(bin, logFile string, env []string, args ...string) (*Proc, error) {
 		return nil, err
 	}
 	p := &Proc{Name: filepath.Base(bin), PID: cmd.Process.Pid, StartTime: StartTime(cmd.Process.Pid), Log: logFile, exited: make(chan struct{})}
-	go func() { cmd.Wait(); close(p.exited) }()
+	go func() { p.waitErr = cmd.Wait(); close(p.exited) }()
 	return p, nil
+}
+
+// ExitErr is how p exited: nil for status 0, else the exit status or the
+// signal that ended it. It is nil while p runs, and for an adopted p.
+func (p *Proc) ExitErr() error {
+	select {
+	case <-p.exited:
+		if p.waitErr != nil {
+			return fmt.Errorf("%s (pid %d): %w", p.Name, p.PID, p.waitErr)
+		}
+	default:
+	}
+	return nil
 }
 
 // Adopt makes p, read back from a file an earlier process wrote, stoppable.

@@ -255,14 +255,10 @@ func (d *deployed) waitWebhook(ctx context.Context, replicas int32) error {
 		}
 		s := dep.Status
 		if replicas == 0 {
-			pods, err := d.pods(ctx, webhookName)
-			if err != nil {
-				return err
-			}
-			if len(pods) > 0 {
-				return fmt.Errorf("%d pods left", len(pods))
-			}
-			return nil
+			// Terminating pods too: they serve until they exit, and
+			// kube-proxy sends to serving terminating endpoints when
+			// there are no others.
+			return d.noPods(ctx, webhookName)
 		}
 		if s.ObservedGeneration < dep.Generation || s.UpdatedReplicas != replicas || s.ReadyReplicas != replicas || s.Replicas != replicas {
 			return fmt.Errorf("status %+v (generation %d)", s, dep.Generation)
@@ -364,16 +360,19 @@ func (d *deployed) StopApplier(ctx context.Context, crash bool) error {
 		return err
 	}
 	d.paused = true
-	return wait(ctx, "applier pods gone", 2*time.Minute, func() error {
-		list := &corev1.PodList{}
-		if err := d.cl.List(ctx, list, client.InNamespace(systemNS), client.MatchingLabels{"app.kubernetes.io/name": applierName}); err != nil {
-			return err
-		}
-		if n := len(list.Items); n > 0 {
-			return fmt.Errorf("%d pods left", n)
-		}
-		return nil
-	})
+	return wait(ctx, "applier pods gone", 2*time.Minute, func() error { return d.noPods(ctx, applierName) })
+}
+
+// noPods: no pod of app.kubernetes.io/name=name is left, terminating or not.
+func (d *deployed) noPods(ctx context.Context, name string) error {
+	list := &corev1.PodList{}
+	if err := d.cl.List(ctx, list, client.InNamespace(systemNS), client.MatchingLabels{"app.kubernetes.io/name": name}); err != nil {
+		return err
+	}
+	if n := len(list.Items); n > 0 {
+		return fmt.Errorf("%d pods left", n)
+	}
+	return nil
 }
 
 // StartApplier sets settings as the DaemonSet's environment on top of the

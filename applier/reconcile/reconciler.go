@@ -252,7 +252,10 @@ func (r *Reconciler) applyNodeCap() error {
 	if err != nil {
 		return fmt.Errorf("setting the node-wide cap on %s: %w", dir, err)
 	}
-	if changed {
+	switch {
+	case changed && r.TotalIOPS == 0:
+		r.Log.Info("node-wide IOPS cap cleared (DATA_TOTAL_IOPS=0)", "cgroup", dir)
+	case changed:
 		r.Log.Info("node-wide IOPS cap set", "cgroup", dir, "iops", r.TotalIOPS)
 	}
 	return nil

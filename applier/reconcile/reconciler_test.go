@@ -126,11 +126,17 @@ type fixture struct {
 }
 
 // newFixture makes a cgroup v2 root in a temporary directory with a kubepods
-// cgroup, and a reconciler over a fake runtime and fake pods.
-func newFixture(t *testing.T) *fixture {
+// cgroup, and a reconciler over a fake runtime and fake pods, with a node
+// cap (DATA_TOTAL_IOPS) of 3000.
+func newFixture(t *testing.T) *fixture { return newFixtureCap(t, 3000, "") }
+
+// newFixtureCap is newFixture with a node cap of totalIOPS and kubepods's
+// io.max holding kubepodsIOMax before the reconciler starts.
+func newFixtureCap(t *testing.T, totalIOPS uint64, kubepodsIOMax string) *fixture {
 	root := t.TempDir()
 	writeFile(t, filepath.Join(root, "cgroup.controllers"), "cpu io memory\n")
 	mkCgroup(t, filepath.Join(root, "kubepods"))
+	writeFile(t, filepath.Join(root, "kubepods", "io.max"), kubepodsIOMax)
 	h, err := cgroup.Open(root, cgroup.V2)
 	if err != nil {
 		t.Fatal(err)
@@ -138,7 +144,7 @@ func newFixture(t *testing.T) *fixture {
 	f := &fixture{t: t, h: h, rt: newFakeRuntime(), pods: &fakePods{pods: map[string]*corev1.Pod{}}, rec: record.NewFakeRecorder(100)}
 	f.r = New(Config{
 		Runtime: f.rt, Cgroups: h, Devices: []device.Device{vda}, ProcRoot: t.TempDir(), Pods: f.pods,
-		Recorder: f.rec, TotalIOPS: 3000, Interval: time.Hour, Log: testr.New(t),
+		Recorder: f.rec, TotalIOPS: totalIOPS, Interval: time.Hour, Log: testr.New(t),
 	})
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
@@ -323,6 +329,11 @@ func TestReconciler(t *testing.T) {
 		if !f.r.Synced() {
 			t.Fatal("not synced after a full reconcile")
 		}
+	})
+
+	t.Run("clears a node cap written before when DATA_TOTAL_IOPS is 0", func(t *testing.T) {
+		f := newFixtureCap(t, 0, fmt.Sprintf("%d:%d rbps=max wbps=max riops=3000 wiops=3000\n", vda.Major, vda.Minor))
+		f.eventually(f.h.Join("/kubepods"), limits.Limits{})
 	})
 
 	t.Run("uses the cgroup of the init process over the runtime's", func(t *testing.T) {

@@ -42,7 +42,7 @@ func Main[O Options](name string, parse func(args []string, lookupEnv func(strin
 	}
 	logf.SetLogger(zap.New(zap.UseFlagOptions(o.Logging())))
 	log := logf.Log.WithName(name)
-	cfg, err := RESTConfig(o.KubeconfigPath())
+	cfg, err := restConfig(o.KubeconfigPath())
 	if err == nil {
 		err = o.Run(logf.IntoContext(signals.SetupSignalHandler(), log), cfg)
 	}
@@ -52,9 +52,9 @@ func Main[O Options](name string, parse func(args []string, lookupEnv func(strin
 	}
 }
 
-// RESTConfig loads the cluster connection: the kubeconfig file when given,
+// restConfig loads the cluster connection: the kubeconfig file when given,
 // else the in-cluster configuration or $KUBECONFIG.
-func RESTConfig(kubeconfig string) (*rest.Config, error) {
+func restConfig(kubeconfig string) (*rest.Config, error) {
 	if kubeconfig != "" {
 		cfg, err := clientcmd.BuildConfigFromFlags("", kubeconfig)
 		if err != nil {

@@ -24,11 +24,11 @@ func KubeAssets(t testing.TB, bins ...string) string {
 }
 
 // Log sends the components' logs (controller-runtime's logger) to stderr:
-// errors only, or everything when KDG_TEST_VERBOSE is set.
+// errors only, or also info and V(1) debug when KDG_TEST_VERBOSE is set.
 func Log() {
-	level := zapcore.Level(1) // errors only
+	level := zapcore.ErrorLevel
 	if os.Getenv("KDG_TEST_VERBOSE") != "" {
-		level = -1
+		level = zapcore.DebugLevel
 	}
 	logf.SetLogger(zap.New(zap.WriteTo(os.Stderr), zap.UseDevMode(true), zap.Level(level), zap.StacktraceLevel(zapcore.PanicLevel)))
 }

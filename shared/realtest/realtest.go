@@ -24,9 +24,13 @@ func Missing(t testing.TB, what, how string) {
 	t.Skipf("skipping: %s (get it with: %s)", what, how)
 }
 
-// Root stops the test unless it runs as root.
+// Root stops the test unless it runs as root, and skips it under -short:
+// it is a test of real components.
 func Root(t testing.TB) {
 	t.Helper()
+	if testing.Short() {
+		t.Skip("needs root and real components; not with -short (make unit-test)")
+	}
 	if os.Geteuid() != 0 {
 		Missing(t, "the test must run as root", "sudo make test")
 	}

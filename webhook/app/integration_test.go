@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/http"
 	"os"
@@ -252,13 +253,8 @@ func wantResolved(t *testing.T, pod *corev1.Pod, want limits.Resolved) {
 	if !ok {
 		t.Fatalf("pod %s has no %s annotation; annotations %v", pod.Name, limits.ResolvedAnnotation, pod.Annotations)
 	}
-	if len(got) != len(want) {
+	if !maps.Equal(got, want) {
 		t.Fatalf("pod %s stamped %v, want %v", pod.Name, got, want)
-	}
-	for name, l := range want {
-		if got[name] != l {
-			t.Fatalf("pod %s container %s stamped %v, want %v (whole stamp %v)", pod.Name, name, got[name], l, got)
-		}
 	}
 }
 
@@ -412,6 +408,10 @@ func TestKubectlAnnotateOnAPodReResolvesItsLimits(t *testing.T) {
 	if err == nil || !strings.Contains(string(out), `kubediskguard.io/write-iops]: Invalid value: "lots"`) {
 		t.Fatalf("kubectl annotate with a bad value: err %v, output:\n%s", err, out)
 	}
+	if pod, err = cs.CoreV1().Pods(ns).Get(context.Background(), "live", metav1.GetOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	wantResolved(t, pod, limits.Resolved{"app": {ReadIOPS: 500, WriteIOPS: 100}})
 }
 
 func TestExcludedContainersAndPodsGetNoLimits(t *testing.T) {
@@ -503,9 +503,30 @@ func TestMetricsCountTheDecisions(t *testing.T) {
 	p := controlPlane(t)
 	cs, _ := p.clientset(t)
 	ns := p.namespace(t, true, map[string]string{limits.MaxIOPSAnnotation: "100"})
+	// The webhook is shared by the package's tests: count this test's
+	// requests, not what earlier tests left on the counters.
+	before := p.scrapeMetrics(t)
 	createPod(t, cs, ns, testPod("counted", nil))
 	_, _ = cs.CoreV1().Pods(ns).Create(context.Background(), testPod("refused", map[string]string{limits.Prefix + "iops": "x"}), metav1.CreateOptions{})
+	after := p.scrapeMetrics(t)
 
+	for _, series := range []string{
+		`kubediskguard_webhook_pods_total{decision="stamped"}`,
+		`kubediskguard_webhook_pods_total{decision="denied"}`,
+		`kubediskguard_webhook_warnings_total{kind="clamp"}`,
+		`controller_runtime_webhook_requests_total{code="200",webhook="/mutate-v1-pod"}`,
+	} {
+		was, _ := metricValue(before, series) // absent: 0
+		v, ok := metricValue(after, series)
+		if !ok || v < was+1 {
+			t.Errorf("metric %s = %v (present %v), was %v: want it up by at least 1", series, v, ok, was)
+		}
+	}
+}
+
+// scrapeMetrics returns the webhook's metrics in the Prometheus text format.
+func (p *plane) scrapeMetrics(t *testing.T) string {
+	t.Helper()
 	resp, err := http.Get("http://" + p.metrics + "/metrics")
 	if err != nil {
 		t.Fatal(err)
@@ -515,17 +536,7 @@ func TestMetricsCountTheDecisions(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, series := range []string{
-		`kubediskguard_webhook_pods_total{decision="stamped"}`,
-		`kubediskguard_webhook_pods_total{decision="denied"}`,
-		`kubediskguard_webhook_warnings_total{kind="clamp"}`,
-		`controller_runtime_webhook_requests_total{code="200",webhook="/mutate-v1-pod"}`,
-	} {
-		v, ok := metricValue(string(body), series)
-		if !ok || v < 1 {
-			t.Errorf("metric %s = %v (present %v), want at least 1", series, v, ok)
-		}
-	}
+	return string(body)
 }
 
 // metricValue finds one series' value in a Prometheus text exposition.

@@ -190,10 +190,7 @@ func TestHandle(t *testing.T) {
 			wantCode: http.StatusInternalServerError,
 		},
 		"ignores deletes": {
-			req: func(t testing.TB) admission.Request {
-				r := podRequest(t, admissionv1.Delete, "team-a", basePod(nil))
-				return r
-			},
+			req:         func(t testing.TB) admission.Request { return podRequest(t, admissionv1.Delete, "team-a", basePod(nil)) },
 			wantAllowed: true,
 		},
 	}

@@ -26,14 +26,14 @@ func NewMetrics(reg prometheus.Registerer) (*Metrics, error) {
 			Help: "Admission warnings returned, by kind: clamp (a value capped by a namespace ceiling), namespace (an invalid namespace annotation ignored), pod (an unknown pod annotation ignored).",
 		}, []string{"kind"}),
 	}
-	for _, c := range []*prometheus.CounterVec{m.pods, m.warnings} {
-		if err := reg.Register(c); err != nil {
+	for _, c := range []**prometheus.CounterVec{&m.pods, &m.warnings} {
+		if err := reg.Register(*c); err != nil {
 			// A second server in the same process (tests) shares the first's.
 			var are prometheus.AlreadyRegisteredError
 			if !errors.As(err, &are) {
 				return nil, err
 			}
-			*c = *are.ExistingCollector.(*prometheus.CounterVec)
+			*c = are.ExistingCollector.(*prometheus.CounterVec)
 		}
 	}
 	for _, d := range []string{decisionStamped, decisionUnchanged, decisionSkipped, decisionDenied, decisionError} {

@@ -24,6 +24,17 @@ func defaultConfig() *Config {
 	return c
 }
 
+// excluding is defaultConfig with the pod exclusion selector.
+func excluding(selector string) *Config {
+	sel, err := labels.Parse(selector)
+	if err != nil {
+		panic(err)
+	}
+	c := defaultConfig()
+	c.ExcludePodSelector = sel
+	return c
+}
+
 func enabledNS(annotations ...string) *Namespace {
 	return &Namespace{Name: "team-a", Labels: map[string]string{limits.EnabledLabel: "true"}, Annotations: kv(annotations)}
 }
@@ -255,12 +266,8 @@ func TestResolve(t *testing.T) {
 			want:       limits.Resolved{"app": def, "sidecar": def},
 		},
 		"gives a pod matching the exclusion selector no limits, replacing any it carries": {
-			config: func() *Config {
-				c := defaultConfig()
-				c.ExcludePodSelector = labels.SelectorFromSet(labels.Set{"app": "db"})
-				return c
-			}(),
-			ns: enabledNS(),
+			config: excluding("app=db"),
+			ns:     enabledNS(),
 			pod: func() *corev1.Pod {
 				p := pod(limits.Prefix+"iops", "not even valid")
 				p.Labels = map[string]string{"app": "db"}
@@ -270,16 +277,8 @@ func TestResolve(t *testing.T) {
 			want:       limits.Resolved{},
 		},
 		"limits a pod that does not match the exclusion selector": {
-			config: func() *Config {
-				c := defaultConfig()
-				sel, err := labels.Parse("app in (db),tier!=infra")
-				if err != nil {
-					panic(err)
-				}
-				c.ExcludePodSelector = sel
-				return c
-			}(),
-			ns: enabledNS(),
+			config: excluding("app in (db),tier!=infra"),
+			ns:     enabledNS(),
 			pod: func() *corev1.Pod {
 				p := pod()
 				p.Labels = map[string]string{"app": "db", "tier": "infra"}

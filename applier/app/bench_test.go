@@ -26,6 +26,7 @@ import (
 	"github.com/containerd/containerd/v2/pkg/cio"
 	"github.com/containerd/typeurl/v2"
 
+	"github.com/kubediskguard/kubediskguard/applier/cgroup"
 	"github.com/kubediskguard/kubediskguard/applier/device"
 	"github.com/kubediskguard/kubediskguard/hack/runtimetest"
 	"github.com/kubediskguard/kubediskguard/shared/limits"
@@ -94,7 +95,7 @@ type landing struct {
 func watchLimit(dk *disk, dir string, want uint64, timeout time.Duration) <-chan landing {
 	out := make(chan landing, 1)
 	line := fmt.Sprintf("%s %d", dk.dev, want)
-	path := filepath.Join(dir, "blkio.throttle.read_iops_device")
+	path := filepath.Join(dir, cgroup.V1File(limits.ReadIOPS))
 	go func() {
 		deadline := time.Now().Add(timeout)
 		for time.Now().Before(deadline) {

@@ -25,7 +25,6 @@ import (
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	corev1 "k8s.io/api/core/v1"
-	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/kubernetes"
@@ -181,13 +180,13 @@ func (p *plane) setLimits(t testing.TB, pod *corev1.Pod, res limits.Resolved) {
 	}
 }
 
-// events returns the reasons and messages of the Events on the pod.
+// events returns the Events on the pod.
 func (p *plane) events(t testing.TB, pod *corev1.Pod) []corev1.Event {
 	t.Helper()
 	list, err := p.cs.CoreV1().Events(pod.Namespace).List(context.Background(), metav1.ListOptions{
 		FieldSelector: "involvedObject.name=" + pod.Name,
 	})
-	if err != nil && !apierrors.IsNotFound(err) {
+	if err != nil {
 		t.Fatal(err)
 	}
 	return list.Items

@@ -6,10 +6,13 @@ package app
 import (
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 
 	"github.com/kubediskguard/kubediskguard/applier/cgroup"
+	"github.com/kubediskguard/kubediskguard/applier/runtime/connect"
+	"github.com/kubediskguard/kubediskguard/applier/runtime/containerd"
 	"github.com/kubediskguard/kubediskguard/shared/command"
 	"github.com/kubediskguard/kubediskguard/shared/config"
 	"github.com/kubediskguard/kubediskguard/shared/limits"
@@ -33,13 +36,10 @@ type Options struct {
 	CheckInterval       time.Duration
 }
 
-// Runtime kinds of CONTAINER_RUNTIME.
-var runtimeKinds = []string{"auto", "containerd", "docker"}
-
 // ParseOptions reads the options from the command line and the environment
 // (lookupEnv is normally os.LookupEnv). A bad value is an error naming it.
 func ParseOptions(args []string, lookupEnv func(string) (string, bool)) (*Options, error) {
-	o := &Options{DataTotalIOPS: 3000, CgroupVersion: cgroup.Auto, CheckInterval: 30 * time.Second}
+	o := &Options{DataTotalIOPS: 3000, ContainerRuntime: connect.Auto, CgroupVersion: cgroup.Auto, CheckInterval: 30 * time.Second}
 	fs := config.NewFlagSet("kubediskguard-applier")
 
 	fs.StringVar(&o.NodeName, "node-name", "", "the node this applier runs on; only its pods are watched (required)")
@@ -48,14 +48,13 @@ func ParseOptions(args []string, lookupEnv func(string) (string, bool)) (*Option
 	fs.Env("data-mount", "DATA_MOUNT")
 	fs.StringVar(&o.DataDevices, "data-devices", "", "devices to limit (/dev/nvme0n1,259:3); overrides --data-mount")
 	fs.Env("data-devices", "DATA_DEVICES")
-	fs.Var(iopsValue{&o.DataTotalIOPS}, "data-total-iops", "read and write IOPS cap of all pods together, on the kubepods cgroup (0: off)")
+	fs.Var(value[uint64]{&o.DataTotalIOPS, limits.ParseIOPS}, "data-total-iops", "read and write IOPS cap of all pods together, on the kubepods cgroup (0: off)")
 	fs.Env("data-total-iops", "DATA_TOTAL_IOPS")
-	fs.Var(enumValue{&o.ContainerRuntime, runtimeKinds}, "container-runtime", "auto, containerd or docker")
-	o.ContainerRuntime = "auto"
+	fs.Var(value[string]{&o.ContainerRuntime, oneOf(connect.Auto, connect.Containerd, connect.Docker)}, "container-runtime", "auto, containerd or docker")
 	fs.Env("container-runtime", "CONTAINER_RUNTIME")
-	fs.Var(versionValue{&o.CgroupVersion}, "cgroup-version", "auto, v1 or v2")
+	fs.Var(value[cgroup.Version]{&o.CgroupVersion, cgroup.ParseVersion}, "cgroup-version", "auto, v1 or v2")
 	fs.Env("cgroup-version", "CGROUP_VERSION")
-	fs.StringVar(&o.ContainerdNamespace, "containerd-namespace", "k8s.io", "containerd namespace of the kubelet's containers")
+	fs.StringVar(&o.ContainerdNamespace, "containerd-namespace", containerd.DefaultNamespace, "containerd namespace of the kubelet's containers")
 	fs.Env("containerd-namespace", "CONTAINERD_NAMESPACE")
 	fs.StringVar(&o.SocketPath, "container-socket-path", "", "containerd or Docker socket (default: the runtime's default socket)")
 	fs.Env("container-socket-path", "CONTAINER_SOCKET_PATH")
@@ -88,50 +87,14 @@ func ParseOptions(args []string, lookupEnv func(string) (string, bool)) (*Option
 	return o, nil
 }
 
-type iopsValue struct{ v *uint64 }
-
-func (f iopsValue) Set(s string) error {
-	n, err := limits.ParseIOPS(s)
-	if err != nil {
-		return err
-	}
-	*f.v = n
-	return nil
+// value is a flag.Value whose text parse turns into a T.
+type value[T any] struct {
+	v     *T
+	parse func(string) (T, error)
 }
 
-func (f iopsValue) String() string {
-	if f.v == nil {
-		return ""
-	}
-	return fmt.Sprint(*f.v)
-}
-
-type enumValue struct {
-	v       *string
-	allowed []string
-}
-
-func (f enumValue) Set(s string) error {
-	for _, a := range f.allowed {
-		if s == a {
-			*f.v = s
-			return nil
-		}
-	}
-	return fmt.Errorf("want one of %s", strings.Join(f.allowed, ", "))
-}
-
-func (f enumValue) String() string {
-	if f.v == nil {
-		return ""
-	}
-	return *f.v
-}
-
-type versionValue struct{ v *cgroup.Version }
-
-func (f versionValue) Set(s string) error {
-	v, err := cgroup.ParseVersion(s)
+func (f value[T]) Set(s string) error {
+	v, err := f.parse(s)
 	if err != nil {
 		return err
 	}
@@ -139,9 +102,19 @@ func (f versionValue) Set(s string) error {
 	return nil
 }
 
-func (f versionValue) String() string {
+func (f value[T]) String() string {
 	if f.v == nil {
 		return ""
 	}
-	return f.v.String()
+	return fmt.Sprint(*f.v)
+}
+
+// oneOf parses a value that must be one of allowed.
+func oneOf(allowed ...string) func(string) (string, error) {
+	return func(s string) (string, error) {
+		if slices.Contains(allowed, s) {
+			return s, nil
+		}
+		return "", fmt.Errorf("want one of %s", strings.Join(allowed, ", "))
+	}
 }

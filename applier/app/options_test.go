@@ -57,7 +57,7 @@ func TestParseOptions(t *testing.T) {
 			args: []string{"--node-name=n", "--cgroup-version=v3"}, wantErr: `invalid value "v3" for flag -cgroup-version`,
 		},
 		"names a bad total": {
-			env: map[string]string{"NODE_NAME": "n", "DATA_TOTAL_IOPS": "-1"}, wantErr: "DATA_TOTAL_IOPS",
+			env: map[string]string{"NODE_NAME": "n", "DATA_TOTAL_IOPS": "-1"}, wantErr: `invalid value "-1" for environment variable DATA_TOTAL_IOPS`,
 		},
 		"rejects a check interval under a second": {
 			env: map[string]string{"NODE_NAME": "n", "CHECK_INTERVAL": "0"}, wantErr: "--check-interval / CHECK_INTERVAL",

@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/http"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -71,13 +72,9 @@ func Run(ctx context.Context, o *Options, cfg *rest.Config) error {
 	recorder := broadcaster.NewRecorder(kube.Scheme, corev1.EventSource{Component: "kubediskguard-applier", Host: o.NodeName})
 
 	store := pods.NewStore(core, o.NodeName)
-	var rec *reconcile.Reconciler // set once the runtime answers
-	var recMu sync.Mutex
+	var rec atomic.Pointer[reconcile.Reconciler] // set once the runtime answers
 	if err := store.OnChange(func(uid string) {
-		recMu.Lock()
-		r := rec
-		recMu.Unlock()
-		if r != nil {
+		if r := rec.Load(); r != nil {
 			r.PodChanged(uid)
 		}
 	}); err != nil {
@@ -85,9 +82,7 @@ func Run(ctx context.Context, o *Options, cfg *rest.Config) error {
 	}
 
 	ready := func(*http.Request) error {
-		recMu.Lock()
-		r := rec
-		recMu.Unlock()
+		r := rec.Load()
 		switch {
 		case !store.HasSynced():
 			return errors.New("the pod list has not synced")
@@ -123,9 +118,7 @@ func Run(ctx context.Context, o *Options, cfg *rest.Config) error {
 	if err := reg.Register(r.IOCollector()); err != nil {
 		return err
 	}
-	recMu.Lock()
-	rec = r
-	recMu.Unlock()
+	rec.Store(r)
 	r.Run(ctx)
 	return nil
 }
@@ -165,8 +158,7 @@ func serve(ctx context.Context, wg *sync.WaitGroup, o *Options, reg *prometheus.
 			}
 			fmt.Fprintln(w, "ok")
 		})
-		if h, ok := servers[o.HealthProbeAddress]; ok { // one address for both
-			metrics := h
+		if metrics, ok := servers[o.HealthProbeAddress]; ok { // one address for both
 			mux.Handle("/metrics", metrics)
 		}
 		servers[o.HealthProbeAddress] = mux

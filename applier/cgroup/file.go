@@ -97,8 +97,9 @@ func (h *Hierarchy) Read(dir string) (map[device.Device]limits.Limits, error) {
 // file's current contents, reports that the file already holds it, and
 // reports whether it wrote.
 func (h *Hierarchy) writeIfChanged(dir, name, value string, isSet func(current string) (bool, error)) (bool, error) {
-	path := filepath.Join(filepath.Clean(dir), name)
-	if filepath.Clean(dir) == h.dir {
+	dir = filepath.Clean(dir)
+	path := filepath.Join(dir, name)
+	if dir == h.dir {
 		// Every process of the host not in a cgroup of its own lives here
 		// (an exited one too): limiting it is never what was meant.
 		return false, fmt.Errorf("writing %q to %s: refusing to limit the root cgroup", value, path)

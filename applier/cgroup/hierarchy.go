@@ -4,10 +4,11 @@
 // and reads block IO throttle limits, and reads IO statistics.
 //
 // Every write goes through one choke point that cleans the path, refuses
-// paths outside the hierarchy, never creates a cgroup, and skips the write
-// when the file already holds the desired value. A cgroup that no longer
-// exists, which is normal for a container that has just exited, is reported
-// as ErrCgroupGone.
+// paths outside the hierarchy and the root cgroup itself (where every
+// process without a cgroup of its own lives), never creates a cgroup, and
+// skips the write when the file already holds the desired value. A cgroup
+// that no longer exists, which is normal for a container that has just
+// exited, is reported as ErrCgroupGone.
 package cgroup
 
 import (

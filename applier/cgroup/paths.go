@@ -81,7 +81,7 @@ func (h *Hierarchy) ContainerDirOf(dir, id string) (string, bool) {
 	if err != nil || id == "" {
 		return "", false
 	}
-	for p := rel; p != "/" && p != "."; p = path.Dir(p) {
+	for p := rel; p != "/"; p = path.Dir(p) {
 		if strings.Contains(path.Base(p), id) {
 			return h.Join(p), true
 		}

@@ -152,6 +152,19 @@ func vmGuestRun() error {
 		vmReport(prefix+"_write_limit", got[dev].WriteIOPS)
 		return nil
 	}
+	// limitsOf reports the limits set on dir as key: "none", or by device.
+	limitsOf := func(dir, key string) error {
+		got, err := h.Read(dir)
+		if err != nil {
+			return err
+		}
+		if len(got) == 0 {
+			vmReport(key, "none")
+		} else {
+			vmReport(key, got)
+		}
+		return nil
+	}
 	stats := func(dir, prefix string) error {
 		s, err := h.Stats(dir, devs)
 		if err != nil {
@@ -244,14 +257,8 @@ func vmGuestRun() error {
 	if err := readLimits(kubepods, "parent"); err != nil {
 		return err
 	}
-	podLimits, err := h.Read(pod)
-	if err != nil {
+	if err := limitsOf(pod, "parent_pod_limits"); err != nil {
 		return err
-	}
-	if len(podLimits) == 0 {
-		vmReport("parent_pod_limits", "none")
-	} else {
-		vmReport("parent_pod_limits", podLimits)
 	}
 	if err := measure(pod, "parent_read_iops", false, vmThrottledIOs(vmParentCap)); err != nil {
 		return err
@@ -317,12 +324,8 @@ func vmGuestRun() error {
 	if _, err := h.Clear(kubepods, devs); err != nil {
 		return err
 	}
-	if got, err := h.Read(kubepods); err != nil {
+	if err := limitsOf(kubepods, "nocap_parent_limits"); err != nil {
 		return err
-	} else if len(got) == 0 {
-		vmReport("nocap_parent_limits", "none")
-	} else {
-		vmReport("nocap_parent_limits", got)
 	}
 	if err := together("nocap_read", false, vmFreeRun); err != nil {
 		return err
@@ -427,16 +430,7 @@ func vmWorker(spec string) {
 	total, steady := 0, 0
 	for i := int64(0); time.Now().UnixNano() < end; i++ {
 		off := (base + i%vmWorkerSpan) * 4096
-		var got int
-		if mode == "write" {
-			got, err = syscall.Pwrite(disk.fd, disk.buf, off)
-		} else {
-			got, err = syscall.Pread(disk.fd, disk.buf, off)
-		}
-		if err == nil && got != len(disk.buf) {
-			err = errors.New("short IO")
-		}
-		if err != nil {
+		if err := disk.io(mode == "write", off); err != nil {
 			fmt.Fprintf(os.Stderr, "IO %d at %d: %v\n", i, off, err)
 			os.Exit(1)
 		}
@@ -505,6 +499,21 @@ func vmOpenDisk(path string) (*vmDisk, error) {
 	return &vmDisk{fd: fd, buf: buf}, nil
 }
 
+// io reads or writes the 4 KiB at off.
+func (d *vmDisk) io(write bool, off int64) error {
+	var n int
+	var err error
+	if write {
+		n, err = syscall.Pwrite(d.fd, d.buf, off)
+	} else {
+		n, err = syscall.Pread(d.fd, d.buf, off)
+	}
+	if err == nil && n != len(d.buf) {
+		err = errors.New("short IO")
+	}
+	return err
+}
+
 // rate does n IOs of 4 KiB at increasing offsets and returns the IOs per
 // second over the whole run, and over the part of it after its first
 // vmSettle, when the throttle admits no more burst (0 for a run too short).
@@ -513,16 +522,7 @@ func (d *vmDisk) rate(write bool, n int) (avg, steady float64, err error) {
 	start := time.Now()
 	for i := range n {
 		off := int64(i) * 4096
-		var got int
-		if write {
-			got, err = syscall.Pwrite(d.fd, d.buf, off)
-		} else {
-			got, err = syscall.Pread(d.fd, d.buf, off)
-		}
-		if err == nil && got != len(d.buf) {
-			err = errors.New("short IO")
-		}
-		if err != nil {
+		if err := d.io(write, off); err != nil {
 			return 0, 0, fmt.Errorf("IO %d at %d: %w", i, off, err)
 		}
 		done[i] = time.Now()

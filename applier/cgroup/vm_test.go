@@ -261,8 +261,16 @@ func checkVMResults(t *testing.T, r vmResults) {
 			t.Errorf("%s = %q, want %q", key, got, want)
 		}
 	}
-	ios := func(limit int) string { return strconv.Itoa(vmThrottledIOs(limit)) }
-	nbytes := func(limit int) string { return strconv.Itoa(vmThrottledIOs(limit) * 4096) }
+	// The prefix's io.stat counted exactly the IOs of one throttled run of
+	// reads and one of writes at limit.
+	counted := func(prefix string, limit int) {
+		t.Helper()
+		ios := vmThrottledIOs(limit)
+		equal(prefix+"_stat_rios", strconv.Itoa(ios))
+		equal(prefix+"_stat_wios", strconv.Itoa(ios))
+		equal(prefix+"_stat_rbytes", strconv.Itoa(ios*4096))
+		equal(prefix+"_stat_wbytes", strconv.Itoa(ios*4096))
+	}
 
 	free("free_read_iops")
 	free("free_write_iops")
@@ -273,10 +281,7 @@ func checkVMResults(t *testing.T, r vmResults) {
 	equal("limited_apply_again_changed", "false")
 	throttled("limited_read_iops", vmLimit)
 	throttled("limited_write_iops", vmLimit)
-	equal("limited_stat_rios", ios(vmLimit))
-	equal("limited_stat_wios", ios(vmLimit))
-	equal("limited_stat_rbytes", nbytes(vmLimit))
-	equal("limited_stat_wbytes", nbytes(vmLimit))
+	counted("limited", vmLimit)
 
 	// Clearing the read limit ("riops=max") keeps the write limit.
 	equal("cleared_read_limit", "0")
@@ -293,10 +298,7 @@ func checkVMResults(t *testing.T, r vmResults) {
 	throttled("parent_read_iops", vmParentCap)
 	throttled("parent_write_iops", vmParentCap)
 	// kubepods's io.stat counts its descendants' IO.
-	equal("parent_stat_rios", ios(vmParentCap))
-	equal("parent_stat_wios", ios(vmParentCap))
-	equal("parent_stat_rbytes", nbytes(vmParentCap))
-	equal("parent_stat_wbytes", nbytes(vmParentCap))
+	counted("parent", vmParentCap)
 
 	// The cap holds two pods together. Without it (cleared: nothing left
 	// in io.max), each of the two processes alone goes far faster than the

@@ -50,13 +50,16 @@ type Config struct {
 	TotalIOPS uint64
 	// Interval is the time between full reconciles.
 	Interval time.Duration
-	// Workers is the number of containers reconciled at once (default 2).
-	Workers int
-	Log     logr.Logger
+	Log      logr.Logger
 }
 
-// fullKey is the queue key of a full reconcile; container IDs never equal it.
-const fullKey = "*full*"
+const (
+	// fullKey is the queue key of a full reconcile; container IDs never
+	// equal it.
+	fullKey = "*full*"
+	// workers is the number of containers reconciled at once.
+	workers = 2
+)
 
 // Reconciler applies limits to containers. Create it with New.
 type Reconciler struct {
@@ -81,9 +84,6 @@ type tracked struct {
 
 // New returns a Reconciler; Run starts it.
 func New(cfg Config) *Reconciler {
-	if cfg.Workers <= 0 {
-		cfg.Workers = 2
-	}
 	return &Reconciler{
 		Config: cfg,
 		queue: workqueue.NewTypedRateLimitingQueueWithConfig(
@@ -123,7 +123,7 @@ func (r *Reconciler) Run(ctx context.Context) {
 	wg.Go(func() {
 		wait.Until(func() { r.queue.Add(fullKey) }, r.Interval, ctx.Done())
 	})
-	for range r.Workers {
+	for range workers {
 		wg.Go(func() {
 			for r.next(ctx) {
 			}
@@ -176,8 +176,12 @@ func (r *Reconciler) handle(ev runtime.Event) {
 		if ev.PID > 0 {
 			r.eventPID[ev.ContainerID] = ev.PID
 		}
-		// Inspect again: a restarted process may live in a new cgroup.
-		r.untrackLocked(ev.ContainerID)
+		// Inspect again: a restarted process may live in a new cgroup. The
+		// same process again (containerd's task start after its task
+		// create) is in the same one.
+		if t, ok := r.containers[ev.ContainerID]; !ok || ev.PID == 0 || t.c.PID != ev.PID {
+			r.untrackLocked(ev.ContainerID)
+		}
 		r.mu.Unlock()
 		r.queue.Add(ev.ContainerID)
 	case runtime.Exited, runtime.Deleted:
@@ -226,7 +230,7 @@ func (r *Reconciler) reconcileAll(ctx context.Context) error {
 	}
 	for _, c := range list {
 		if t, ok := r.containers[c.ID]; !ok || t.c.PID != c.PID {
-			r.trackLocked(c)
+			r.trackLocked(c, r.cgroupDirOf(c))
 		}
 	}
 	r.mu.Unlock()
@@ -270,8 +274,10 @@ func (r *Reconciler) kubepods() (string, error) {
 		break
 	}
 	r.mu.Unlock()
-	if k, err := r.Cgroups.KubepodsOf(dir); dir != "" && err == nil {
-		return k, nil
+	if dir != "" {
+		if k, err := r.Cgroups.KubepodsOf(dir); err == nil {
+			return k, nil
+		}
 	}
 	return r.Cgroups.FindKubepods()
 }
@@ -303,8 +309,9 @@ func (r *Reconciler) reconcileContainer(ctx context.Context, id string) error {
 		case c.PID == 0:
 			return nil // created, not started: its start event comes next
 		}
+		dir := r.cgroupDirOf(c)
 		r.mu.Lock()
-		t = r.trackLocked(c)
+		t = r.trackLocked(c, dir)
 		r.mu.Unlock()
 	}
 
@@ -366,27 +373,30 @@ func (r *Reconciler) desired(pod *corev1.Pod, container string) (limits.Limits, 
 	return res[container], nil
 }
 
-// trackLocked records a running container and finds its cgroup: the cgroup
-// of its init process when the host's /proc shows it, else the one its
-// runtime configuration names.
-func (r *Reconciler) trackLocked(c runtime.Container) *tracked {
-	t := &tracked{c: c, dir: c.CgroupDir}
-	if c.PID > 0 {
-		dir, err := r.Cgroups.ProcessDir(r.ProcRoot, c.PID)
-		if err == nil {
-			// A PID from an event may already belong to an exited
-			// process (in the root cgroup) or to another one: only a
-			// cgroup named after the container is the container's.
-			if cdir, ok := r.Cgroups.ContainerDirOf(dir, c.ID); ok {
-				t.dir = cdir
-			} else {
-				err = fmt.Errorf("process %d is in %s, not in a cgroup of container %s", c.PID, dir, c.ID)
-			}
-		}
-		if err != nil {
-			r.Log.V(1).Info("cgroup of the init process not usable; using the runtime's", "container", c.ID, "pid", c.PID, "reason", err.Error())
-		}
+// cgroupDirOf finds a running container's cgroup: the cgroup of its init
+// process when the host's /proc shows it, else the one its runtime
+// configuration names.
+func (r *Reconciler) cgroupDirOf(c runtime.Container) string {
+	if c.PID <= 0 {
+		return c.CgroupDir
 	}
+	dir, err := r.Cgroups.ProcessDir(r.ProcRoot, c.PID)
+	if err == nil {
+		// A PID from an event may already belong to an exited process (in
+		// the root cgroup) or to another one: only a cgroup named after
+		// the container is the container's.
+		if cdir, ok := r.Cgroups.ContainerDirOf(dir, c.ID); ok {
+			return cdir
+		}
+		err = fmt.Errorf("process %d is in %s, not in a cgroup of container %s", c.PID, dir, c.ID)
+	}
+	r.Log.V(1).Info("cgroup of the init process not usable; using the runtime's", "container", c.ID, "pid", c.PID, "reason", err.Error())
+	return c.CgroupDir
+}
+
+// trackLocked records a running container whose cgroup is dir.
+func (r *Reconciler) trackLocked(c runtime.Container, dir string) *tracked {
+	t := &tracked{c: c, dir: dir}
 	r.containers[c.ID] = t
 	if r.byPod[c.PodUID] == nil {
 		r.byPod[c.PodUID] = map[string]bool{}

@@ -33,6 +33,7 @@ type fakeRuntime struct {
 	breaks     chan error    // a value breaks the current Watch with that error
 	broken     chan struct{} // signalled when a Watch returned because of breaks
 	watches    int
+	inspected  int // calls of Container and Identify
 }
 
 func newFakeRuntime() *fakeRuntime {
@@ -57,6 +58,7 @@ func (f *fakeRuntime) List(context.Context) ([]runtime.Container, error) {
 func (f *fakeRuntime) Container(_ context.Context, id string) (runtime.Container, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	f.inspected++
 	c, ok := f.containers[id]
 	if !ok {
 		return c, runtime.ErrNotFound
@@ -178,6 +180,14 @@ func (f *fixture) container(id, uid, name string, pid int) runtime.Container {
 	return c
 }
 
+// start makes a running container of pod uid, as container does, and sends
+// its start event.
+func (f *fixture) start(id, uid, name string, pid int) runtime.Container {
+	c := f.container(id, uid, name, pid)
+	f.rt.events <- runtime.Event{Kind: runtime.Started, ContainerID: id, PID: pid}
+	return c
+}
+
 func pod(uid string, resolved limits.Resolved) *corev1.Pod {
 	p := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: "pod-" + uid, Namespace: "team-a", UID: types.UID(uid)}}
 	if resolved != nil {
@@ -206,21 +216,32 @@ func TestReconciler(t *testing.T) {
 	t.Run("applies a started container's limits from its pod's annotation", func(t *testing.T) {
 		f := newFixture(t)
 		f.pods.set(pod("u1", limits.Resolved{"app": l500}))
-		c := f.container("c1", "u1", "app", 10)
-		f.rt.events <- runtime.Event{Kind: runtime.Started, ContainerID: "c1", PID: 10}
+		c := f.start("c1", "u1", "app", 10)
 		f.eventually(c.CgroupDir, l500)
 		if e := <-f.rec.Events; !strings.Contains(e, "IOLimitsApplied") || !strings.Contains(e, "container app") {
 			t.Fatalf("event = %q", e)
 		}
 	})
 
+	t.Run("inspects a container at most once for its task create and task start", func(t *testing.T) {
+		f := newFixture(t)
+		f.pods.set(pod("u1", limits.Resolved{"app": l500}))
+		c := f.start("c1", "u1", "app", 10) // containerd's /tasks/create
+		f.eventually(c.CgroupDir, l500)
+		f.rt.events <- runtime.Event{Kind: runtime.Started, ContainerID: "c1", PID: 10} // its /tasks/start
+		time.Sleep(50 * time.Millisecond)
+		f.rt.mu.Lock()
+		defer f.rt.mu.Unlock()
+		if f.rt.inspected > 1 {
+			t.Fatalf("the runtime was asked about the container %d times, want at most once", f.rt.inspected)
+		}
+	})
+
 	t.Run("changes running containers live when the pod's annotation changes", func(t *testing.T) {
 		f := newFixture(t)
 		f.pods.set(pod("u1", limits.Resolved{"app": l500, "side": l500}))
-		app := f.container("c1", "u1", "app", 10)
-		side := f.container("c2", "u1", "side", 11)
-		f.rt.events <- runtime.Event{Kind: runtime.Started, ContainerID: "c1", PID: 10}
-		f.rt.events <- runtime.Event{Kind: runtime.Started, ContainerID: "c2", PID: 11}
+		app := f.start("c1", "u1", "app", 10)
+		side := f.start("c2", "u1", "side", 11)
 		f.eventually(app.CgroupDir, l500)
 		f.eventually(side.CgroupDir, l500)
 
@@ -232,8 +253,7 @@ func TestReconciler(t *testing.T) {
 
 	t.Run("applies once a pod it did not know yet appears", func(t *testing.T) {
 		f := newFixture(t)
-		c := f.container("c1", "u1", "app", 10)
-		f.rt.events <- runtime.Event{Kind: runtime.Started, ContainerID: "c1", PID: 10}
+		c := f.start("c1", "u1", "app", 10)
 		time.Sleep(50 * time.Millisecond)
 		if got, _ := f.h.Read(c.CgroupDir); got[vda] != (limits.Limits{}) {
 			t.Fatalf("limits %v written before the pod was known", got[vda])
@@ -246,8 +266,7 @@ func TestReconciler(t *testing.T) {
 	t.Run("keeps limits and warns once when the annotation does not decode", func(t *testing.T) {
 		f := newFixture(t)
 		f.pods.set(pod("u1", limits.Resolved{"app": l500}))
-		c := f.container("c1", "u1", "app", 10)
-		f.rt.events <- runtime.Event{Kind: runtime.Started, ContainerID: "c1", PID: 10}
+		c := f.start("c1", "u1", "app", 10)
 		f.eventually(c.CgroupDir, l500)
 		<-f.rec.Events
 		bad := pod("u1", nil)
@@ -270,8 +289,7 @@ func TestReconciler(t *testing.T) {
 	t.Run("limits a restarted container's new process again", func(t *testing.T) {
 		f := newFixture(t)
 		f.pods.set(pod("u1", limits.Resolved{"app": l500}))
-		c := f.container("c1", "u1", "app", 10)
-		f.rt.events <- runtime.Event{Kind: runtime.Started, ContainerID: "c1", PID: 10}
+		c := f.start("c1", "u1", "app", 10)
 		f.eventually(c.CgroupDir, l500)
 		// The kernel removed the old cgroup; the restart made a fresh one.
 		f.rt.events <- runtime.Event{Kind: runtime.Exited, ContainerID: "c1"}
@@ -346,8 +364,7 @@ func TestReconciler(t *testing.T) {
 			t.Fatal(err)
 		}
 		writeFile(t, filepath.Join(procDir, "cgroup"), "0::/kubepods/elsewhere/c1\n")
-		c := f.container("c1", "u1", "app", 42)
-		f.rt.events <- runtime.Event{Kind: runtime.Started, ContainerID: "c1", PID: 42}
+		c := f.start("c1", "u1", "app", 42)
 		f.eventually(real, l500)
 		if got, _ := f.h.Read(c.CgroupDir); got[vda] != (limits.Limits{}) {
 			t.Fatalf("the runtime's cgroup got %v", got[vda])

@@ -39,6 +39,18 @@ type Container struct {
 	CgroupDir string
 }
 
+// FromLabels returns the container id of the pod that the kubelet's CRI
+// labels name, without its PID or cgroup.
+func FromLabels(id string, labels map[string]string) Container {
+	return Container{
+		ID:           id,
+		PodUID:       labels[LabelPodUID],
+		PodNamespace: labels[LabelPodNamespace],
+		PodName:      labels[LabelPodName],
+		Name:         labels[LabelContainerName],
+	}
+}
+
 // EventKind is what happened to a container.
 type EventKind uint8
 

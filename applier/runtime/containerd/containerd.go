@@ -197,13 +197,7 @@ func (r *Runtime) container(rec containers.Container) (runtime.Container, error)
 		return runtime.Container{}, fmt.Errorf("containerd container %s (%s=%q): %w",
 			rec.ID, runtime.LabelContainerType, l[runtime.LabelContainerType], runtime.ErrNotKubernetes)
 	}
-	c := runtime.Container{
-		ID:           rec.ID,
-		PodUID:       l[runtime.LabelPodUID],
-		PodNamespace: l[runtime.LabelPodNamespace],
-		PodName:      l[runtime.LabelPodName],
-		Name:         l[runtime.LabelContainerName],
-	}
+	c := runtime.FromLabels(rec.ID, l)
 	if rec.Spec == nil {
 		return c, nil
 	}

@@ -101,14 +101,15 @@ func (r *Runtime) List(ctx context.Context) ([]runtime.Container, error) {
 	return out, nil
 }
 
-// Container inspects the Kubernetes container id (a full or unique
-// short ID, or a name); the result carries the full ID, and the PID of its
-// init process when it is running or paused.
-// Identify implements runtime.Runtime; an inspect gives the PID anyway.
+// Identify implements runtime.Runtime: it is Container, since an inspect
+// gives the PID anyway.
 func (r *Runtime) Identify(ctx context.Context, id string) (runtime.Container, error) {
 	return r.Container(ctx, id)
 }
 
+// Container inspects the Kubernetes container id (a full or unique
+// short ID, or a name); the result carries the full ID, and the PID of its
+// init process when it is running or paused.
 func (r *Runtime) Container(ctx context.Context, id string) (runtime.Container, error) {
 	info, err := r.client.ContainerInspect(ctx, id)
 	if cerrdefs.IsNotFound(err) {
@@ -133,14 +134,8 @@ func (r *Runtime) Container(ctx context.Context, id string) (runtime.Container, 
 	if err != nil {
 		return runtime.Container{}, err
 	}
-	c := runtime.Container{
-		ID:           info.ID,
-		PodUID:       l[runtime.LabelPodUID],
-		PodNamespace: l[runtime.LabelPodNamespace],
-		PodName:      l[runtime.LabelPodName],
-		Name:         l[runtime.LabelContainerName],
-		CgroupDir:    dir,
-	}
+	c := runtime.FromLabels(info.ID, l)
+	c.CgroupDir = dir
 	if s := info.State; s != nil && (s.Running || s.Paused) {
 		c.PID = s.Pid
 	}

@@ -4,19 +4,21 @@
 #
 #   kube-apiserver kube-controller-manager kube-scheduler kube-proxy kubectl kubelet (k8s.io/kubernetes)
 #   etcd                                                     (go.etcd.io/etcd/server/v3)
+#   cert-manager-local                                       (hack/tools/certmanager)
 #
 # Usage:
 #   hack/test-bins.sh OUTDIR      build every binary missing from OUTDIR
 #   hack/test-bins.sh --regen     rewrite hack/tools/{kube,etcd}/go.mod+go.sum for
 #                                 KUBE_VERSION / ETCD_VERSION (needs the module proxy)
 #
-# Binaries are built from the throwaway modules in hack/tools/kube and
-# hack/tools/etcd with -mod=readonly against their committed go.sum, so a fresh
-# machine needs nothing but Go and the module proxy. A binary already present
-# in OUTDIR is left alone (OUTDIR is meant to be keyed by version, e.g.
-# .cache/bin/k8s-v1.36.3); each one is built under a temporary name in OUTDIR
-# and renamed into place, so an interrupted run never leaves a half-written
-# binary behind.
+# Binaries are built from the throwaway modules in hack/tools/kube,
+# hack/tools/etcd and hack/tools/certmanager with -mod=readonly against their
+# committed go.sum, so a fresh machine needs nothing but Go and the module
+# proxy. A binary already present in OUTDIR is left alone (OUTDIR is meant to
+# be keyed by version, e.g. .cache/bin/k8s-v1.36.3), but cert-manager-local is
+# built again when its source changed; each one is built under a temporary
+# name in OUTDIR and renamed into place, so an interrupted run never leaves a
+# half-written binary behind.
 #
 # KUBE_VERSION / ETCD_VERSION may be overridden from the environment; if they
 # differ from what hack/tools/*/go.mod pins, a temporary module is generated
@@ -207,12 +209,17 @@ fi
 # injector in one binary, from the throwaway module hack/tools/certmanager (see
 # its README.md) at the cert-manager version it pins, which must be the one
 # the product's go.mod requires (its CRDs are installed from there).
+# Unlike the upstream binaries above, its source is this repository's, so it
+# is built again whenever that changed: the sha256 of the module's go.mod,
+# go.sum and Go files is kept next to it.
 CERTMANAGER_MOD_DIR="${ROOT}/hack/tools/certmanager"
 CERTMANAGER_VERSION="$(pinned_version "${CERTMANAGER_MOD_DIR}/go.mod" github.com/cert-manager/cert-manager)"
-if ! present cert-manager-local; then
+CERTMANAGER_SOURCES="$(cd "${CERTMANAGER_MOD_DIR}" && cat go.mod go.sum ./*.go | sha256sum | cut -d' ' -f1)"
+if ! present cert-manager-local || [[ "$(cat "${OUTDIR}/cert-manager-local.sources" 2>/dev/null)" != "${CERTMANAGER_SOURCES}" ]]; then
   log "building cert-manager-local (cert-manager ${CERTMANAGER_VERSION}) into ${OUTDIR} (cold: ~3 min, ~1.1 GB RSS)..."
   build_into "${CERTMANAGER_MOD_DIR}" "-s -w -X github.com/cert-manager/cert-manager/pkg/util.AppVersion=${CERTMANAGER_VERSION}" \
     cert-manager-local -- kubediskguard.test/tools/certmanager
+  echo "${CERTMANAGER_SOURCES}" >"${OUTDIR}/cert-manager-local.sources"
 else
   log "cert-manager-local ${CERTMANAGER_VERSION} already in ${OUTDIR}"
 fi

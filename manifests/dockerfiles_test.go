@@ -1,6 +1,7 @@
 package manifests
 
 import (
+	"fmt"
 	"os"
 	"regexp"
 	"slices"
@@ -26,8 +27,10 @@ func TestTheDockerfilesBuildLikeTheMakefile(t *testing.T) {
 		from              []string
 		user              string
 	}{
+		// The webhook's USER is the uid its Deployment runs as, numeric so
+		// that the kubelet can check runAsNonRoot.
 		{"../Dockerfile.webhook", "./webhook", "kubediskguard-webhook",
-			[]string{"golang:" + goMinor + "-bookworm AS build", "gcr.io/distroless/static-debian12:nonroot"}, "65532:65532"},
+			[]string{"golang:" + goMinor + "-bookworm AS build", "gcr.io/distroless/static-debian12:nonroot"}, fmt.Sprintf("%d:%d", nonrootUID, nonrootUID)},
 		{"../Dockerfile.applier", "./applier", "kubediskguard-applier",
 			[]string{"golang:" + goMinor + "-bookworm AS build", "gcr.io/distroless/static-debian12"}, "0:0"},
 	} {

@@ -11,7 +11,6 @@ import (
 	"crypto"
 	"crypto/tls"
 	"crypto/x509"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"io"
@@ -28,6 +27,7 @@ import (
 	"k8s.io/apimachinery/pkg/runtime"
 	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
+	certutil "k8s.io/client-go/util/cert"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
 
@@ -128,7 +128,7 @@ func TestCertManagerIssuesTheWebhookCertificateInjectsItsCAAndRenewsIt(t *testin
 
 	t.Run("the serving Secret holds a key pair for the Certificate's DNS names signed by the CA", func(t *testing.T) {
 		leaf, secret := servingCertificate(ctx, t, c, serving)
-		if got, want := sorted(leaf.DNSNames), sorted(serving.Spec.DNSNames); !slices.Equal(got, want) {
+		if got, want := slices.Sorted(slices.Values(leaf.DNSNames)), slices.Sorted(slices.Values(serving.Spec.DNSNames)); !slices.Equal(got, want) {
 			t.Errorf("certificate DNS names %v, want the Certificate's %v", got, want)
 		}
 		verify(t, leaf, ca, serving.Spec.DNSNames)
@@ -287,25 +287,17 @@ func waitCABundle(ctx context.Context, t *testing.T, c client.Client, ca *x509.C
 	})
 }
 
-// certs parses the PEM certificates in b.
+// certs parses the PEM certificates in b (none when b is empty).
 func certs(t *testing.T, what string, b []byte) []*x509.Certificate {
 	t.Helper()
-	var out []*x509.Certificate
-	for {
-		var block *pem.Block
-		block, b = pem.Decode(b)
-		if block == nil {
-			return out
-		}
-		if block.Type != "CERTIFICATE" {
-			continue
-		}
-		cert, err := x509.ParseCertificate(block.Bytes)
-		if err != nil {
-			t.Fatalf("parsing %s: %v", what, err)
-		}
-		out = append(out, cert)
+	if len(b) == 0 {
+		return nil
 	}
+	out, err := certutil.ParseCertsPEM(b)
+	if err != nil {
+		t.Fatalf("parsing %s: %v", what, err)
+	}
+	return out
 }
 
 // poll calls ok every 100 ms until it returns nil; it fails the test when
@@ -323,10 +315,4 @@ func poll(ctx context.Context, t *testing.T, what string, ok func() error) {
 		case <-time.After(100 * time.Millisecond):
 		}
 	}
-}
-
-func sorted(s []string) []string {
-	s = slices.Clone(s)
-	slices.Sort(s)
-	return s
 }

@@ -228,7 +228,7 @@ func Build(ctx context.Context, o Options) (b Built, err error) {
 
 // Import imports the saved images into a containerd: ctr runs ctr with
 // its arguments against that containerd's k8s.io namespace, the kubelet's,
-// as (*cluster.Cluster).Ctr and Ctr do. containerd names them
+// as (*cluster.Cluster).Ctr and cluster.CtrAt do. containerd names them
 // docker.io/<Tag>, as the kubelet names an image without a registry.
 func (b Built) Import(ctr func(args ...string) ([]byte, error)) error {
 	for _, img := range b.images() {
@@ -237,18 +237,6 @@ func (b Built) Import(ctr func(args ...string) ([]byte, error)) error {
 		}
 	}
 	return nil
-}
-
-// Ctr returns a ctr for Import: the program bin (containerd's ctr) against
-// the containerd at address, in its k8s.io namespace.
-func Ctr(bin, address string) func(args ...string) ([]byte, error) {
-	return func(args ...string) ([]byte, error) {
-		out, err := exec.Command(bin, append([]string{"--address", address, "--namespace", "k8s.io"}, args...)...).CombinedOutput()
-		if err != nil {
-			return out, fmt.Errorf("ctr %s: %w: %s", strings.Join(args, " "), err, bytes.TrimSpace(out))
-		}
-		return out, nil
-	}
 }
 
 // docker runs Debian's docker client against the private dockerd.

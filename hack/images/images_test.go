@@ -11,6 +11,7 @@ import (
 
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 
+	"github.com/kubediskguard/kubediskguard/hack/cluster"
 	"github.com/kubediskguard/kubediskguard/hack/runtimetest"
 	"github.com/kubediskguard/kubediskguard/shared/realtest"
 )
@@ -221,7 +222,7 @@ func TestBothImagesBuildFromTheirDockerfilesRunAsTheySayAndImportIntoContainerd(
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := first.Import(Ctr(ctrBin, c.Socket)); err != nil {
+		if err := first.Import(cluster.CtrAt(ctrBin, c.Socket)); err != nil {
 			t.Fatal(err)
 		}
 		ctx := namespaces.WithNamespace(ctx, "k8s.io")

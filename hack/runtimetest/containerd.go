@@ -50,16 +50,7 @@ func StartContainerd(t testing.TB) *Containerd {
 	if err != nil {
 		t.Fatal(err)
 	}
-	d.logf = t.Logf
-	t.Cleanup(func() {
-		if err := d.shutdown(); err != nil {
-			t.Error(err)
-		}
-		if t.Failed() {
-			t.Log(d.logTail())
-		}
-	})
-	d.Start(t)
+	d.startInTest(t)
 	return d
 }
 
@@ -82,10 +73,9 @@ func LaunchContainerd(o Options) (*Containerd, error) {
 	if err != nil {
 		return nil, err
 	}
-	d.logf = o.logf()
-	took, err := d.launch()
+	took, err := d.startAlone(o)
 	if err != nil {
-		return nil, errors.Join(err, d.Stop())
+		return nil, err
 	}
 	d.logf("containerd up in %s (pid %d)", took.Round(time.Millisecond), d.cmd.Process.Pid)
 	return d, nil
@@ -102,6 +92,7 @@ func newContainerd(bin, dir string) (*Containerd, error) {
 		runcRoot: filepath.Join(dir, "runc"),
 		shims:    watchShimSockets(),
 	}
+	d.up, d.down = d.launch, d.shutdown
 	config := fmt.Sprintf(`version = 2
 root = %[1]q
 state = %[2]q
@@ -125,18 +116,6 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 	}
 	d.Client = c
 	return d, nil
-}
-
-// Start starts containerd on its directory, as after a crash or a
-// restart, and waits until it answers.
-func (d *Containerd) Start(t testing.TB) time.Duration {
-	t.Helper()
-	took, err := d.launch()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Logf("containerd up in %s (pid %d)", took.Round(time.Millisecond), d.cmd.Process.Pid)
-	return took
 }
 
 // launch starts containerd and waits until it answers.
@@ -173,17 +152,6 @@ func (d *Containerd) launch() (time.Duration, error) {
 	}
 	d.started = true
 	return took, nil
-}
-
-// Stop stops a containerd that LaunchContainerd started, after its
-// containers are removed, kills any process it left and undoes what it
-// left on the host (mounts, cgroups, shim sockets). Its directory stays.
-func (d *Containerd) Stop() error {
-	err := d.shutdown()
-	if err != nil {
-		d.logf("%s", d.logTail())
-	}
-	return err
 }
 
 // shutdown removes the containers, stops containerd and cleans up after it.

@@ -62,16 +62,7 @@ func StartDockerd(t testing.TB) *Dockerd {
 	if err != nil {
 		t.Fatal(err)
 	}
-	d.logf = t.Logf
-	t.Cleanup(func() {
-		if err := d.shutdown(); err != nil {
-			t.Error(err)
-		}
-		if t.Failed() {
-			t.Log(d.logTail())
-		}
-	})
-	d.Start(t)
+	d.startInTest(t)
 
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
@@ -129,10 +120,9 @@ func LaunchDockerd(o Options) (*Dockerd, error) {
 	if err != nil {
 		return nil, errors.Join(err, ctrd.Stop())
 	}
-	d.logf = o.logf()
-	took, err := d.launch()
+	took, err := d.startAlone(o)
 	if err != nil {
-		return nil, errors.Join(err, d.Stop())
+		return nil, errors.Join(err, ctrd.Stop())
 	}
 	d.logf("dockerd up in %s (pid %d, data root %s)", took.Round(time.Millisecond), d.cmd.Process.Pid, dataRoot)
 	return d, nil
@@ -149,6 +139,7 @@ func newDockerd(bin, dir, dataRoot string, ctrd *Containerd) (*Dockerd, error) {
 		bin:        bin,
 		hostDirs:   missingDirs("/run/docker", "/run/docker/plugins"),
 	}
+	d.up, d.down = d.launch, d.shutdown
 	if !strings.HasPrefix(dataRoot, dir+"/") {
 		d.mountDirs = []string{dataRoot}
 	}
@@ -188,18 +179,6 @@ func newDockerd(bin, dir, dataRoot string, ctrd *Containerd) (*Dockerd, error) {
 	return d, nil
 }
 
-// Start starts dockerd on its directories, as after a crash or a restart,
-// and waits until it answers.
-func (d *Dockerd) Start(t testing.TB) time.Duration {
-	t.Helper()
-	took, err := d.launch()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Logf("dockerd up in %s (pid %d)", took.Round(time.Millisecond), d.cmd.Process.Pid)
-	return took
-}
-
 // launch starts dockerd and waits until it answers.
 func (d *Dockerd) launch() (time.Duration, error) {
 	if d.running() {
@@ -221,11 +200,7 @@ func (d *Dockerd) launch() (time.Duration, error) {
 // under the data root, the docker cgroups, /run/docker). Its directory and
 // data root stay.
 func (d *Dockerd) Stop() error {
-	err := d.shutdown()
-	if err != nil {
-		d.logf("%s", d.logTail())
-	}
-	return errors.Join(err, d.Containerd.Stop())
+	return errors.Join(d.daemon.Stop(), d.Containerd.Stop())
 }
 
 // shutdown removes the containers, stops dockerd and cleans up after it.

@@ -52,32 +52,27 @@ func NewPod(t testing.TB, d Cleaner, uid, namespace, name string) Pod {
 // CRILabels are the labels containerd's CRI plugin puts on the pod's
 // container name, or on its sandbox when name is "".
 func (p Pod) CRILabels(name string) map[string]string {
-	l := p.labels(name)
-	l[runtime.LabelContainerType] = "container"
-	if name == "" {
-		l[runtime.LabelContainerType] = "sandbox"
-	}
-	return l
+	return p.labels(name, runtime.LabelContainerType, "sandbox")
 }
 
 // DockerLabels are the labels cri-dockerd puts on the pod's container name,
 // or on its sandbox when name is "".
 func (p Pod) DockerLabels(name string) map[string]string {
-	l := p.labels(name)
-	l[runtime.LabelDockerType] = "container"
-	if name == "" {
-		l[runtime.LabelDockerType] = "podsandbox"
-	}
-	return l
+	return p.labels(name, runtime.LabelDockerType, "podsandbox")
 }
 
-func (p Pod) labels(name string) map[string]string {
+// labels are the pod's labels on its container name, whose kind is
+// typeLabel=container, or on its sandbox (typeLabel=sandbox) when name is "".
+func (p Pod) labels(name, typeLabel, sandbox string) map[string]string {
 	l := map[string]string{
 		runtime.LabelPodUID:       p.UID,
 		runtime.LabelPodNamespace: p.Namespace,
 		runtime.LabelPodName:      p.Name,
+		typeLabel:                 "container",
 	}
-	if name != "" {
+	if name == "" {
+		l[typeLabel] = sandbox
+	} else {
 		l[runtime.LabelContainerName] = name
 	}
 	return l

@@ -240,6 +240,62 @@ type daemon struct {
 	// logf reports progress and what the cleanup found: t.Logf, or
 	// Options.Log outside a test.
 	logf func(format string, args ...any)
+	// up starts the daemon and waits until it answers; down removes its
+	// containers, stops it and undoes what it left on the host: the
+	// launch and shutdown of Containerd or Dockerd.
+	up   func() (time.Duration, error)
+	down func() error
+}
+
+// startInTest starts the daemon for the test t, which stops it when it
+// ends.
+func (d *daemon) startInTest(t testing.TB) {
+	t.Helper()
+	d.logf = t.Logf
+	t.Cleanup(func() {
+		if err := d.down(); err != nil {
+			t.Error(err)
+		}
+		if t.Failed() {
+			t.Log(d.logTail())
+		}
+	})
+	d.Start(t)
+}
+
+// startAlone starts the daemon outside a test, reporting to o.Log; when it
+// fails, it has stopped the daemon.
+func (d *daemon) startAlone(o Options) (time.Duration, error) {
+	d.logf = o.logf()
+	took, err := d.up()
+	if err != nil {
+		return 0, errors.Join(err, d.Stop())
+	}
+	return took, nil
+}
+
+// Start starts the daemon on its directories, as after a crash or a
+// restart, and waits until it answers.
+func (d *daemon) Start(t testing.TB) time.Duration {
+	t.Helper()
+	took, err := d.up()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("%s up in %s (pid %d)", d.name, took.Round(time.Millisecond), d.cmd.Process.Pid)
+	return took
+}
+
+// Stop stops a daemon that LaunchContainerd started, after its containers
+// are removed, kills any process it left and undoes what it left on the
+// host (mounts, cgroups, shim sockets). Its directory stays. (Dockerd.Stop
+// says what it does for a dockerd.)
+func (d *daemon) Stop() error {
+	err := d.down()
+	if err != nil {
+		d.logf("%s", d.logTail())
+	}
+	return err
 }
 
 // start starts the program bin with args, its output appended to d.log.
@@ -584,15 +640,6 @@ func (s shimSockets) cleanup() {
 	if !s.parentExisted {
 		_ = os.Remove(shimSocketParent)
 	}
-}
-
-// CleanupDirs removes, when the test ends, each of dirs that does not
-// exist now and is empty then, last first (such as /run/docker, where
-// dockerd makes a plugins directory whatever its configuration says).
-func CleanupDirs(t testing.TB, dirs ...string) {
-	t.Helper()
-	missing := missingDirs(dirs...)
-	t.Cleanup(func() { removeEmptyDirs(missing) })
 }
 
 // missingDirs returns those of dirs that do not exist.

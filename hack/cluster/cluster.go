@@ -26,8 +26,11 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/clientcmd"
+
+	"github.com/kubediskguard/kubediskguard/certs/pki"
 )
 
 // Config says where the cluster lives and which binaries it runs. Zero
@@ -127,15 +130,14 @@ func (c Config) Missing() []string {
 		return []string{err.Error()}
 	}
 	var out []string
-	if c.BinDir == "" {
-		out = append(out, "the pinned Kubernetes binaries: set KUBEBUILDER_ASSETS (make test-bins)")
-	}
 	bins := []string{"etcd", "kube-apiserver", "kubelet", "kubectl"}
 	if c.Full {
 		bins = append(bins, "kube-controller-manager", "kube-scheduler", "kube-proxy")
 	}
-	for _, b := range bins {
-		if c.BinDir != "" {
+	if c.BinDir == "" {
+		out = append(out, "the pinned Kubernetes binaries: set KUBEBUILDER_ASSETS (make test-bins)")
+	} else {
+		for _, b := range bins {
 			if _, err := os.Stat(filepath.Join(c.BinDir, b)); err != nil {
 				out = append(out, b+" in "+c.BinDir+" (make test-bins)")
 			}
@@ -191,6 +193,8 @@ type Cluster struct {
 	State
 	Client  *kubernetes.Clientset
 	Timings []Timing
+
+	ca *pki.CA // the cluster CA, made by writePKI
 }
 
 // Timing is how long a step of Up took.
@@ -313,10 +317,10 @@ func Up(ctx context.Context, cfg Config) (_ *Cluster, err error) {
 // start runs a component in its own process group (a Ctrl-C on the
 // terminal reaches the harness, which then stops it in order), logging to
 // DIR/logs/NAME.log, and records it in the state file.
-func (c *Cluster) start(name, bin string, args ...string) (*exec.Cmd, error) {
+func (c *Cluster) start(name, bin string, args ...string) (Proc, error) {
 	logf, err := os.OpenFile(c.path("logs", name+".log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
-		return nil, err
+		return Proc{}, err
 	}
 	defer logf.Close()
 	cmd := exec.Command(bin, args...)
@@ -324,42 +328,71 @@ func (c *Cluster) start(name, bin string, args ...string) (*exec.Cmd, error) {
 	cmd.Dir = c.Dir
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {
-		return nil, err
+		return Proc{}, err
 	}
-	c.Procs = append(c.Procs, Proc{Name: name, PID: cmd.Process.Pid, StartTime: procStartTime(cmd.Process.Pid)})
+	p := Proc{Name: name, PID: cmd.Process.Pid, StartTime: StartTime(cmd.Process.Pid)}
+	c.Procs = append(c.Procs, p)
 	if err := c.save(); err != nil {
-		return nil, err
+		return Proc{}, err
 	}
 	go cmd.Wait() // reap; liveness is checked through /proc
-	return cmd, nil
+	return p, nil
 }
 
-// wait polls ok until it returns nil, the process dies or the timeout ends.
-func (c *Cluster) wait(ctx context.Context, what string, pid int, timeout time.Duration, ok func() error) error {
-	deadline := time.Now().Add(timeout)
+// wait polls ok every 100 ms until it returns nil, the process p (none if
+// zero) dies or the timeout ends.
+func (c *Cluster) wait(ctx context.Context, what string, p Proc, timeout time.Duration, ok func() error) error {
+	err := Poll(ctx, what, 100*time.Millisecond, timeout, func() error {
+		err := ok()
+		if err != nil && p.PID != 0 && !p.Alive() {
+			return Final(fmt.Errorf("exited: %w", err))
+		}
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("%w (see %s)", err, c.path("logs"))
+	}
+	return nil
+}
+
+// Poll calls ok at once, then every interval, until it returns nil, ctx
+// ends or timeout passes (wait.PollUntilContextTimeout). Its error names
+// what and ok's last error. An error ok wraps with Final ends the wait at
+// once (the process it waits for has died).
+func Poll(ctx context.Context, what string, interval, timeout time.Duration, ok func() error) error {
 	var last error
-	for {
-		if last = ok(); last == nil {
-			return nil
+	err := wait.PollUntilContextTimeout(ctx, interval, timeout, true, func(context.Context) (bool, error) {
+		last = ok()
+		var f finalError
+		if errors.As(last, &f) {
+			return false, f
 		}
-		if pid != 0 && !alive(Proc{PID: pid, StartTime: procStartTime(pid)}) {
-			return fmt.Errorf("%s exited: %v (see %s)", what, last, c.path("logs"))
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("%s not ready after %s: %v (see %s)", what, timeout, last, c.path("logs"))
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(100 * time.Millisecond):
-		}
+		return last == nil, nil
+	})
+	var f finalError
+	switch {
+	case err == nil:
+		return nil
+	case errors.As(err, &f):
+		return fmt.Errorf("%s: %w", what, f.error)
+	case ctx.Err() != nil:
+		return fmt.Errorf("%s: %w (last: %v)", what, ctx.Err(), last)
+	default:
+		return fmt.Errorf("%s: not after %s: %w", what, timeout, last)
 	}
 }
+
+// Final marks an error of Poll's ok as one waiting longer cannot mend.
+func Final(err error) error { return finalError{err} }
+
+type finalError struct{ error }
+
+func (f finalError) Unwrap() error { return f.error }
 
 func (c *Cluster) startEtcd(ctx context.Context) error {
 	client := fmt.Sprintf("http://127.0.0.1:%d", c.EtcdPort)
 	peer := fmt.Sprintf("http://127.0.0.1:%d", c.EtcdPeerPort)
-	cmd, err := c.start("etcd", filepath.Join(c.BinDir, "etcd"),
+	proc, err := c.start("etcd", filepath.Join(c.BinDir, "etcd"),
 		"--name=kdg", "--data-dir="+c.path("etcd"),
 		"--listen-client-urls="+client, "--advertise-client-urls="+client,
 		"--listen-peer-urls="+peer, "--initial-advertise-peer-urls="+peer,
@@ -367,7 +400,7 @@ func (c *Cluster) startEtcd(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	return c.wait(ctx, "etcd", cmd.Process.Pid, 30*time.Second, func() error {
+	return c.wait(ctx, "etcd", proc, 30*time.Second, func() error {
 		conn, err := net.DialTimeout("tcp", fmt.Sprintf("127.0.0.1:%d", c.EtcdPort), time.Second)
 		if err == nil {
 			conn.Close()
@@ -398,7 +431,7 @@ func (c *Cluster) startAPIServer(ctx context.Context) error {
 	if c.Full {
 		admission = "--disable-admission-plugins="
 	}
-	cmd, err := c.start("kube-apiserver", filepath.Join(c.BinDir, "kube-apiserver"),
+	proc, err := c.start("kube-apiserver", filepath.Join(c.BinDir, "kube-apiserver"),
 		fmt.Sprintf("--etcd-servers=http://127.0.0.1:%d", c.EtcdPort),
 		"--bind-address="+c.apiServerHost(), "--advertise-address="+c.apiServerHost(),
 		fmt.Sprintf("--secure-port=%d", c.APIServerPort),
@@ -432,7 +465,7 @@ func (c *Cluster) startAPIServer(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	return c.wait(ctx, "kube-apiserver", cmd.Process.Pid, 60*time.Second, func() error {
+	return c.wait(ctx, "kube-apiserver", proc, 60*time.Second, func() error {
 		_, err := c.Client.Discovery().RESTClient().Get().AbsPath("/readyz").DoRaw(ctx)
 		return err
 	})
@@ -503,21 +536,19 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 	if err := os.WriteFile(filepath.Join(d, "config.toml"), []byte(config), 0o644); err != nil {
 		return err
 	}
-	cmd, err := c.start("containerd", c.Containerd, "--config", filepath.Join(d, "config.toml"), "--log-level", "warn")
+	proc, err := c.start("containerd", c.Containerd, "--config", filepath.Join(d, "config.toml"), "--log-level", "warn")
 	if err != nil {
 		return err
 	}
-	if err := c.wait(ctx, "containerd", cmd.Process.Pid, 30*time.Second, func() error {
-		return c.ctr("version")
+	if err := c.wait(ctx, "containerd", proc, 30*time.Second, func() error {
+		_, err := c.Ctr("version")
+		return err
 	}); err != nil {
 		return err
 	}
 	for _, img := range []string{"busybox.tar", "pause.tar"} {
-		if err := c.ctr("images", "import", "--no-unpack=false", c.path("images", img)); err != nil {
-			// ctr 1.6 has no --no-unpack flag on every build; retry plainly.
-			if err2 := c.ctr("images", "import", c.path("images", img)); err2 != nil {
-				return fmt.Errorf("importing %s: %w", img, err2)
-			}
+		if _, err := c.Ctr("images", "import", c.path("images", img)); err != nil {
+			return err
 		}
 	}
 	return nil
@@ -525,17 +556,19 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 
 // Ctr runs ctr against the cluster's containerd in the k8s.io namespace.
 func (c *Cluster) Ctr(args ...string) ([]byte, error) {
-	cmd := exec.Command(c.Config.Ctr, append([]string{"--address", c.ContainerdAddress, "--namespace", "k8s.io"}, args...)...)
-	out, err := cmd.CombinedOutput()
-	if err != nil {
-		return out, fmt.Errorf("ctr %s: %w: %s", strings.Join(args, " "), err, strings.TrimSpace(string(out)))
-	}
-	return out, nil
+	return CtrAt(c.Config.Ctr, c.ContainerdAddress)(args...)
 }
 
-func (c *Cluster) ctr(args ...string) error {
-	_, err := c.Ctr(args...)
-	return err
+// CtrAt returns a function that runs the program bin (containerd's ctr)
+// against the containerd at address, in the kubelet's k8s.io namespace.
+func CtrAt(bin, address string) func(args ...string) ([]byte, error) {
+	return func(args ...string) ([]byte, error) {
+		out, err := exec.Command(bin, append([]string{"--address", address, "--namespace", "k8s.io"}, args...)...).CombinedOutput()
+		if err != nil {
+			return out, fmt.Errorf("ctr %s: %w: %s", strings.Join(args, " "), err, strings.TrimSpace(string(out)))
+		}
+		return out, nil
+	}
 }
 
 func (c *Cluster) buildImages(ctx context.Context) error {
@@ -603,7 +636,7 @@ resolvConf: ""
 	if err := os.WriteFile(c.path("kubelet.yaml"), []byte(config), 0o644); err != nil {
 		return err
 	}
-	cmd, err := c.start("kubelet", filepath.Join(c.BinDir, "kubelet"),
+	proc, err := c.start("kubelet", filepath.Join(c.BinDir, "kubelet"),
 		"--config="+c.path("kubelet.yaml"),
 		"--kubeconfig="+kc,
 		"--root-dir="+c.path("kubelet"),
@@ -614,7 +647,7 @@ resolvConf: ""
 	if err != nil {
 		return err
 	}
-	return c.wait(ctx, "kubelet (waiting for node "+c.NodeName+" Ready)", cmd.Process.Pid, 90*time.Second, func() error {
+	return c.wait(ctx, "kubelet (waiting for node "+c.NodeName+" Ready)", proc, 90*time.Second, func() error {
 		n, err := c.Client.CoreV1().Nodes().Get(ctx, c.NodeName, metav1.GetOptions{})
 		if err != nil {
 			return err
@@ -660,13 +693,6 @@ func (c *Cluster) Kubectl(ctx context.Context, args ...string) ([]byte, error) {
 		return out, fmt.Errorf("kubectl %s: %w: %s", strings.Join(args, " "), err, strings.TrimSpace(string(out)))
 	}
 	return out, nil
-}
-
-// Down stops the cluster recorded in dir/state.json and undoes its host
-// changes. It works from the state file alone, so it also cleans up after an
-// `up` process that died. See teardown.go.
-func Down(dir string, log io.Writer) error {
-	return down(dir, log)
 }
 
 // The pod network of Config.PodNetwork: a host bridge holding the pods'

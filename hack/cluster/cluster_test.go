@@ -258,7 +258,7 @@ func snapshotForTest(t *testing.T, dir string) map[string]any {
 func checkStopped(t *testing.T, st State, taskIDs []string) {
 	t.Helper()
 	for _, p := range st.Procs {
-		if alive(p) {
+		if p.Alive() {
 			t.Errorf("%s (pid %d) still runs", p.Name, p.PID)
 		}
 	}

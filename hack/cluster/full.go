@@ -56,7 +56,7 @@ func (c *Cluster) startPodNetwork(context.Context) error {
 // volume needs both.
 func (c *Cluster) startControllerManager(ctx context.Context) error {
 	p := func(n string) string { return c.path("pki", n) }
-	cmd, err := c.start("kube-controller-manager", filepath.Join(c.BinDir, "kube-controller-manager"),
+	proc, err := c.start("kube-controller-manager", filepath.Join(c.BinDir, "kube-controller-manager"),
 		"--kubeconfig="+c.Kubeconfig,
 		"--leader-elect=false",
 		"--secure-port=0",
@@ -69,7 +69,7 @@ func (c *Cluster) startControllerManager(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	return c.wait(ctx, "kube-controller-manager (waiting for the default ServiceAccount)", cmd.Process.Pid, 60*time.Second, func() error {
+	return c.wait(ctx, "kube-controller-manager (waiting for the default ServiceAccount)", proc, 60*time.Second, func() error {
 		if _, err := c.Client.CoreV1().ServiceAccounts("default").Get(ctx, "default", metav1.GetOptions{}); err != nil {
 			return err
 		}
@@ -82,7 +82,7 @@ func (c *Cluster) startControllerManager(ctx context.Context) error {
 // Nothing shows it ready before the node exists; the first pod without a
 // nodeName proves it.
 func (c *Cluster) startScheduler(ctx context.Context) error {
-	cmd, err := c.start("kube-scheduler", filepath.Join(c.BinDir, "kube-scheduler"),
+	proc, err := c.start("kube-scheduler", filepath.Join(c.BinDir, "kube-scheduler"),
 		"--kubeconfig="+c.Kubeconfig,
 		"--leader-elect=false",
 		"--secure-port=0",
@@ -91,8 +91,15 @@ func (c *Cluster) startScheduler(ctx context.Context) error {
 		return err
 	}
 	// Give it a moment to fail on a bad flag or kubeconfig.
-	time.Sleep(300 * time.Millisecond)
-	return c.wait(ctx, "kube-scheduler", cmd.Process.Pid, time.Second, func() error { return nil })
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-time.After(300 * time.Millisecond):
+	}
+	if !proc.Alive() {
+		return fmt.Errorf("kube-scheduler exited at start (see %s)", c.path("logs"))
+	}
+	return nil
 }
 
 // startKubeProxy runs kube-proxy in iptables mode. Its host changes are
@@ -121,12 +128,12 @@ iptables:
 	if err := os.WriteFile(c.path("kube-proxy.yaml"), []byte(config), 0o644); err != nil {
 		return err
 	}
-	cmd, err := c.start("kube-proxy", filepath.Join(c.BinDir, "kube-proxy"), "--config="+c.path("kube-proxy.yaml"), "--v=1")
+	proc, err := c.start("kube-proxy", filepath.Join(c.BinDir, "kube-proxy"), "--config="+c.path("kube-proxy.yaml"), "--v=1")
 	if err != nil {
 		return err
 	}
 	url := fmt.Sprintf("http://127.0.0.1:%d/healthz", c.KubeProxyHealthzPort)
-	return c.wait(ctx, "kube-proxy", cmd.Process.Pid, 60*time.Second, func() error {
+	return c.wait(ctx, "kube-proxy", proc, 60*time.Second, func() error {
 		resp, err := http.Get(url)
 		if err != nil {
 			return err

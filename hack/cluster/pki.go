@@ -35,6 +35,7 @@ func (c *Cluster) writePKI(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	c.ca = ca
 	keyDER, err := x509.MarshalECPrivateKey(ca.Key)
 	if err != nil {
 		return err
@@ -87,39 +88,12 @@ func (c *Cluster) writePKI(ctx context.Context) error {
 	return writeFile(dir, "sa.pub", pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: pubDER}))
 }
 
-// CA loads the cluster CA (e.g. to sign the webhook's serving certificate
+// CA is the cluster CA (e.g. to sign the webhook's serving certificate
 // the apiserver trusts).
-func (c *Cluster) CA() (*pki.CA, error) {
-	certPEM, err := os.ReadFile(c.path("pki", "ca.crt"))
-	if err != nil {
-		return nil, err
-	}
-	keyPEM, err := os.ReadFile(c.path("pki", "ca.key"))
-	if err != nil {
-		return nil, err
-	}
-	cb, _ := pem.Decode(certPEM)
-	kb, _ := pem.Decode(keyPEM)
-	if cb == nil || kb == nil {
-		return nil, fmt.Errorf("bad PEM in %s", c.path("pki"))
-	}
-	cert, err := x509.ParseCertificate(cb.Bytes)
-	if err != nil {
-		return nil, err
-	}
-	key, err := x509.ParseECPrivateKey(kb.Bytes)
-	if err != nil {
-		return nil, err
-	}
-	return &pki.CA{Cert: cert, Key: key, PEM: certPEM}, nil
-}
+func (c *Cluster) CA() *pki.CA { return c.ca }
 
 func (c *Cluster) writeKubeletServing(nodeIP string) error {
-	ca, err := c.CA()
-	if err != nil {
-		return err
-	}
-	s, err := ca.Issue([]string{c.NodeName, nodeIP, "127.0.0.1", "localhost"}, certValidity)
+	s, err := c.ca.Issue([]string{c.NodeName, nodeIP, "127.0.0.1", "localhost"}, certValidity)
 	if err != nil {
 		return err
 	}

@@ -47,7 +47,7 @@ func (c *Cluster) Pod(namespace, name string, command ...string) *corev1.Pod {
 // and returns it.
 func (c *Cluster) WaitRunning(ctx context.Context, namespace, name string, timeout time.Duration) (*corev1.Pod, error) {
 	var pod *corev1.Pod
-	err := c.wait(ctx, "pod "+namespace+"/"+name+" Running", 0, timeout, func() error {
+	err := c.wait(ctx, "pod "+namespace+"/"+name+" Running", Proc{}, timeout, func() error {
 		p, err := c.Client.CoreV1().Pods(namespace).Get(ctx, name, metav1.GetOptions{})
 		if err != nil {
 			return err
@@ -195,7 +195,7 @@ func (c *Cluster) smokeFull(ctx context.Context) error {
 	// A new connection for each try: one opened before kube-proxy wrote the
 	// Service's rules is not NATed, and conntrack keeps it so.
 	httpc := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
-	if err := c.wait(ctx, "Service "+name+" answering on "+url, 0, 60*time.Second, func() error {
+	if err := c.wait(ctx, "Service "+name+" answering on "+url, Proc{}, 60*time.Second, func() error {
 		resp, err := httpc.Get(url)
 		if err != nil {
 			return err

@@ -19,7 +19,9 @@ import (
 	"k8s.io/client-go/tools/clientcmd"
 )
 
-// down is the whole teardown, in this order:
+// Down stops the cluster recorded in dir/state.json and undoes its host
+// changes. It works from the state file alone, so it also cleans up after an
+// `up` process that died. The whole teardown, in this order:
 //  1. if the cluster still answers, delete every pod (grace 1 s) so the
 //     kubelet stops the sandboxes itself (CNI netns, shm mounts go away);
 //  2. stop the kubelet; kill what is left in the kubepods cgroups;
@@ -33,7 +35,7 @@ import (
 //     sysctls the kubelet changed.
 //
 // Each step runs even if an earlier one failed; the errors are joined.
-func down(dir string, log io.Writer) error {
+func Down(dir string, log io.Writer) error {
 	if log == nil {
 		log = os.Stderr
 	}
@@ -70,7 +72,7 @@ func down(dir string, log io.Writer) error {
 	}
 	kl, okK := proc("kubelet")
 	as, okA := proc("kube-apiserver")
-	if okK && okA && alive(kl) && alive(as) && st.Kubeconfig != "" {
+	if okK && okA && kl.Alive() && as.Alive() && st.Kubeconfig != "" {
 		if err := deleteAllPods(st.Kubeconfig, 20*time.Second); err != nil {
 			logf("deleting pods before stopping the kubelet: %v (continuing)", err)
 		}
@@ -163,16 +165,10 @@ func down(dir string, log io.Writer) error {
 	}
 
 	// 6. Files outside the state dir, sysctls.
-	if st.ContainerdAddress != "" {
-		ids := append(taskIDs, "") // "" is harmless
-		for _, id := range ids {
-			if id == "" {
-				continue
-			}
-			s := shimSocket(st.ContainerdAddress, "k8s.io", id)
-			if err := os.Remove(s); err != nil && !errors.Is(err, os.ErrNotExist) {
-				errs = append(errs, err)
-			}
+	for _, id := range taskIDs { // none without a containerd state dir
+		s := shimSocket(st.ContainerdAddress, "k8s.io", id)
+		if err := os.Remove(s); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, err)
 		}
 	}
 	if st.Host != nil {
@@ -243,21 +239,18 @@ func deleteAllPods(kubeconfig string, timeout time.Duration) error {
 	for _, p := range pods.Items {
 		_ = cl.CoreV1().Pods(p.Namespace).Delete(ctx, p.Name, metav1.DeleteOptions{GracePeriodSeconds: &grace})
 	}
-	for {
+	return Poll(ctx, "deleting every pod", 200*time.Millisecond, timeout, func() error {
 		pods, err := cl.CoreV1().Pods("").List(ctx, metav1.ListOptions{})
-		if err == nil && len(pods.Items) == 0 {
-			return nil
+		if err == nil && len(pods.Items) > 0 {
+			err = fmt.Errorf("%d pods left", len(pods.Items))
 		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("pods still there after %s", timeout)
-		case <-time.After(200 * time.Millisecond):
-		}
-	}
+		return err
+	})
 }
 
-// procStartTime is field 22 of /proc/PID/stat (clock ticks since boot).
-func procStartTime(pid int) string {
+// StartTime is field 22 of /proc/PID/stat (clock ticks since boot); "" if
+// the process is gone or a zombie (as good as gone).
+func StartTime(pid int) string {
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
 	if err != nil {
 		return ""
@@ -268,34 +261,31 @@ func procStartTime(pid int) string {
 		return ""
 	}
 	f := strings.Fields(s[i+1:])
-	if len(f) < 20 {
+	if len(f) < 20 || f[0] == "Z" {
 		return ""
-	}
-	if f[0] == "Z" {
-		return "" // a zombie is as good as gone
 	}
 	return f[19]
 }
 
-// alive reports whether p still runs (same PID and the same start time).
-func alive(p Proc) bool {
-	st := procStartTime(p.PID)
+// Alive reports whether p still runs (same PID and the same start time).
+func (p Proc) Alive() bool {
+	st := StartTime(p.PID)
 	return st != "" && st == p.StartTime
 }
 
 // stop sends SIGTERM, waits up to grace, then SIGKILL.
 func stop(p Proc, grace time.Duration) {
-	if !alive(p) {
+	if !p.Alive() {
 		return
 	}
 	syscall.Kill(p.PID, syscall.SIGTERM)
 	deadline := time.Now().Add(grace)
-	for alive(p) && time.Now().Before(deadline) {
+	for p.Alive() && time.Now().Before(deadline) {
 		time.Sleep(50 * time.Millisecond)
 	}
-	if alive(p) {
+	if p.Alive() {
 		syscall.Kill(p.PID, syscall.SIGKILL)
-		for i := 0; i < 100 && alive(p); i++ {
+		for i := 0; i < 100 && p.Alive(); i++ {
 			time.Sleep(50 * time.Millisecond)
 		}
 	}
@@ -305,6 +295,6 @@ func stop(p Proc, grace time.Duration) {
 func pidsNamed(name string) []int {
 	return pidsWhere(func(pid int) bool {
 		b, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "comm"))
-		return err == nil && strings.TrimSpace(string(b)) == name && procStartTime(pid) != "" // not a zombie
+		return err == nil && strings.TrimSpace(string(b)) == name && StartTime(pid) != "" // not a zombie
 	})
 }

@@ -41,6 +41,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
+	"github.com/kubediskguard/kubediskguard/applier/device"
 	"github.com/kubediskguard/kubediskguard/hack/cluster"
 	"github.com/kubediskguard/kubediskguard/hack/kdg"
 )
@@ -234,11 +235,7 @@ func (d *demo) story(ctx context.Context) error {
 	}
 
 	d.say("\nThe applier wrote them into the container's blkio cgroup, for the disk holding %s (%s):", d.dataDir(), d.disk())
-	applied, err := d.waitCgroup(ctx, limited, strconv.Itoa(nsIOPS))
-	if err != nil {
-		return err
-	}
-	lim, err := d.nextRun(ctx, limited, applied)
+	lim, err := d.limitedRun(ctx, limited, nsIOPS)
 	if err != nil {
 		return err
 	}
@@ -265,11 +262,7 @@ func (d *demo) story(ctx context.Context) error {
 		return err
 	}
 	d.say("and the applier changed the running container's cgroup:")
-	changed, err := d.waitCgroup(ctx, limited, strconv.Itoa(liveIOPS))
-	if err != nil {
-		return err
-	}
-	live, err := d.nextRun(ctx, limited, changed)
+	live, err := d.limitedRun(ctx, limited, liveIOPS)
 	if err != nil {
 		return err
 	}
@@ -368,36 +361,31 @@ func (d *demo) disk() string {
 	if err := syscall.Stat(d.dataDir(), &st); err != nil {
 		return "?"
 	}
-	maj, min := (st.Dev>>8)&0xfff|(st.Dev>>32)&^0xfff, st.Dev&0xff|(st.Dev>>12)&^0xff
-	return fmt.Sprintf("%d:%d", maj, min)
+	return device.FromRdev(st.Dev).String()
 }
 
 // waitCgroup waits until the pod's container has want as its read IOPS
 // limit in its blkio cgroup, prints the file, and returns when it saw it.
 func (d *demo) waitCgroup(ctx context.Context, pod *corev1.Pod, want string) (time.Time, error) {
 	file := filepath.Join(cluster.BlkioCgroup(pod, cluster.ContainerID(pod, "fio")), "blkio.throttle.read_iops_device")
-	deadline := time.Now().Add(30 * time.Second)
 	var last string
-	for {
+	if err := cluster.Poll(ctx, file, 100*time.Millisecond, 30*time.Second, func() error {
 		b, err := os.ReadFile(file)
 		last = strings.TrimSpace(string(b))
-		if err == nil {
-			for _, line := range strings.Split(last, "\n") {
-				if f := strings.Fields(line); len(f) == 2 && f[1] == want {
-					d.say("$ cat %s\n    %s", file, last)
-					return time.Now(), nil
-				}
+		if err != nil {
+			return err
+		}
+		for _, line := range strings.Split(last, "\n") {
+			if f := strings.Fields(line); len(f) == 2 && f[1] == want {
+				return nil
 			}
 		}
-		if time.Now().After(deadline) {
-			return time.Time{}, fmt.Errorf("%s is %q (%v), want a line with %s after 30s: see the applier's log", file, last, err, want)
-		}
-		select {
-		case <-ctx.Done():
-			return time.Time{}, ctx.Err()
-		case <-time.After(100 * time.Millisecond):
-		}
+		return fmt.Errorf("%q, want a line with %s", last, want)
+	}); err != nil {
+		return time.Time{}, fmt.Errorf("%w: see the applier's log", err)
 	}
+	d.say("$ cat %s\n    %s", file, last)
+	return time.Now(), nil
 }
 
 // nextRun waits for the first fio run of pod that started after since, and
@@ -405,32 +393,38 @@ func (d *demo) waitCgroup(ctx context.Context, pod *corev1.Pod, want string) (ti
 func (d *demo) nextRun(ctx context.Context, pod *corev1.Pod, since time.Time) (kdg.FioRun, error) {
 	fmt.Fprintf(d.out, "    waiting for a fio run in %s/%s that started after %s ", pod.Namespace, pod.Name, since.Format("15:04:05.0"))
 	defer fmt.Fprintln(d.out)
-	deadline := time.Now().Add(3 * (fioSeconds + 5) * time.Second)
-	tick := time.Now()
-	for {
-		runs, err := kdg.FioRuns(ctx, d.c.Client, pod, "fio")
-		if err != nil {
-			return kdg.FioRun{}, err
-		}
-		for _, r := range runs {
-			if !r.Start.Before(since) {
-				fmt.Fprintf(d.out, " run %d", r.N)
-				return r, nil
+	done := make(chan struct{})
+	ticked := make(chan struct{})
+	go func() {
+		defer close(ticked)
+		for {
+			select {
+			case <-done:
+				return
+			case <-time.After(time.Second):
+				fmt.Fprint(d.out, ".")
 			}
 		}
-		if time.Now().After(deadline) {
-			return kdg.FioRun{}, fmt.Errorf("no fio run in %s/%s started after %s within %s (%d runs so far; `kubectl logs` it)", pod.Namespace, pod.Name, since.Format(time.TimeOnly), 3*(fioSeconds+5)*time.Second, len(runs))
-		}
-		if time.Since(tick) >= time.Second {
-			fmt.Fprint(d.out, ".")
-			tick = time.Now()
-		}
-		select {
-		case <-ctx.Done():
-			return kdg.FioRun{}, ctx.Err()
-		case <-time.After(500 * time.Millisecond):
-		}
+	}()
+	r, err := kdg.NextRun(ctx, d.c.Client, pod, "fio", since, 3*(fioSeconds+5)*time.Second)
+	close(done)
+	<-ticked
+	if err != nil {
+		return r, fmt.Errorf("%w (`kubectl logs` it)", err)
 	}
+	fmt.Fprintf(d.out, " run %d", r.N)
+	return r, nil
+}
+
+// limitedRun waits until the applier has written read IOPS limit iops into
+// the pod's cgroup, then for the first fio run that started after, and
+// returns it.
+func (d *demo) limitedRun(ctx context.Context, pod *corev1.Pod, iops int) (kdg.FioRun, error) {
+	applied, err := d.waitCgroup(ctx, pod, strconv.Itoa(iops))
+	if err != nil {
+		return kdg.FioRun{}, err
+	}
+	return d.nextRun(ctx, pod, applied)
 }
 
 func containerStarted(p *corev1.Pod) time.Time {
@@ -445,27 +439,20 @@ func containerStarted(p *corev1.Pod) time.Time {
 // waitEvents waits until the applier has recorded n IOLimitsApplied Events
 // on the opted-in pod (the Event recorder sends them asynchronously).
 func (d *demo) waitEvents(ctx context.Context, n int) error {
-	deadline := time.Now().Add(20 * time.Second)
-	for {
+	return cluster.Poll(ctx, fmt.Sprintf("%d IOLimitsApplied Events on %s/%s", n, optedIn, podName), 200*time.Millisecond, 20*time.Second, func() error {
 		evs, err := d.c.Client.CoreV1().Events(optedIn).List(ctx, metav1.ListOptions{FieldSelector: "involvedObject.name=" + podName + ",reason=IOLimitsApplied"})
-		if err == nil {
-			count := 0
-			for _, e := range evs.Items {
-				count += max(int(e.Count), 1)
-			}
-			if count >= n {
-				return nil
-			}
+		if err != nil {
+			return err
 		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("fewer than %d IOLimitsApplied Events on %s/%s after 20s (%v)", n, optedIn, podName, err)
+		count := 0
+		for _, e := range evs.Items {
+			count += max(int(e.Count), 1)
 		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(200 * time.Millisecond):
+		if count < n {
+			return fmt.Errorf("%d so far", count)
 		}
-	}
+		return nil
+	})
 }
 
 // describeExcerpt keeps the Name, Namespace and Annotations lines and the

@@ -5,7 +5,6 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
-	"encoding/pem"
 	"fmt"
 	"net"
 	"os"
@@ -25,11 +24,13 @@ import (
 	"k8s.io/apimachinery/pkg/runtime"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/client-go/tools/clientcmd"
+	certutil "k8s.io/client-go/util/cert"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"github.com/kubediskguard/kubediskguard/hack/certmanager"
 	"github.com/kubediskguard/kubediskguard/hack/cluster"
 	"github.com/kubediskguard/kubediskguard/hack/images"
+	"github.com/kubediskguard/kubediskguard/hack/kdg"
 	"github.com/kubediskguard/kubediskguard/shared/realtest"
 )
 
@@ -66,12 +67,7 @@ func TestDeployment(t *testing.T) {
 	e, d := setUpDeployment(t)
 
 	t.Run("CertManagerIssuedAndInjected", d.testIssued)
-	t.Run("Throttle", e.testThrottle)
-	t.Run("ContainerRestartKeepsLimit", e.testContainerRestart)
-	t.Run("AnnotateChangesLimitLive", e.testAnnotateLive)
-	t.Run("WebhookDown", e.testWebhookDown)
-	t.Run("ApplierCrashLosesNothing", e.testApplierCrash)
-	t.Run("DataTotalIOPS", e.testDataTotalIOPS)
+	e.runChecks(t)
 	t.Run("RenewedCertificateServedWithoutRestart", d.testRenewal)
 }
 
@@ -248,7 +244,7 @@ func (d *deployed) kubectl(ctx context.Context, args ...string) error {
 // waitWebhook waits until the webhook Deployment has replicas ready pods
 // of its current template (0: no pod left at all).
 func (d *deployed) waitWebhook(ctx context.Context, replicas int32) error {
-	return wait(ctx, fmt.Sprintf("webhook Deployment with %d ready pods", replicas), 3*time.Minute, func() error {
+	return cluster.Poll(ctx, fmt.Sprintf("webhook Deployment with %d ready pods", replicas), 200*time.Millisecond, 3*time.Minute, func() error {
 		dep := &appsv1.Deployment{}
 		if err := d.cl.Get(ctx, client.ObjectKey{Namespace: systemNS, Name: webhookName}, dep); err != nil {
 			return err
@@ -281,7 +277,7 @@ func (d *deployed) waitWebhook(ctx context.Context, replicas int32) error {
 // waitApplier waits until the DaemonSet's pod of its current template is
 // ready on the node (its /readyz: the first full reconcile has run).
 func (d *deployed) waitApplier(ctx context.Context) error {
-	return wait(ctx, "applier DaemonSet ready", 3*time.Minute, func() error {
+	return cluster.Poll(ctx, "applier DaemonSet ready", 200*time.Millisecond, 3*time.Minute, func() error {
 		ds := &appsv1.DaemonSet{}
 		if err := d.cl.Get(ctx, client.ObjectKey{Namespace: systemNS, Name: applierName}, ds); err != nil {
 			return err
@@ -360,7 +356,7 @@ func (d *deployed) StopApplier(ctx context.Context, crash bool) error {
 		return err
 	}
 	d.paused = true
-	return wait(ctx, "applier pods gone", 2*time.Minute, func() error { return d.noPods(ctx, applierName) })
+	return cluster.Poll(ctx, "applier pods gone", 200*time.Millisecond, 2*time.Minute, func() error { return d.noPods(ctx, applierName) })
 }
 
 // noPods: no pod of app.kubernetes.io/name=name is left, terminating or not.
@@ -423,7 +419,7 @@ func (d *deployed) Close(t *testing.T) {
 			t.Logf("kubectl %s:\n%s", strings.Join(args, " "), out)
 		}
 		if d.certMgr != nil {
-			t.Logf("cert-manager:\n%s", tail(readFile(d.certMgr.Log), 30))
+			t.Logf("cert-manager:\n%s", kdg.Tail(d.certMgr.Log, 30))
 		}
 	}
 	if d.certMgr != nil {
@@ -437,11 +433,6 @@ func (d *deployed) Close(t *testing.T) {
 			t.Errorf("unmounting %s: %v", d.dataMount, err)
 		}
 	}
-}
-
-func readFile(path string) string {
-	b, _ := os.ReadFile(path)
-	return string(b)
 }
 
 // testIssued: cert-manager issued the CA and the serving certificate (the
@@ -469,9 +460,9 @@ func (d *deployed) testIssued(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, w := range mwc.Webhooks {
-		got := pemCerts(t, w.ClientConfig.CABundle)
-		if len(got) != 1 || !got[0].Equal(ca) {
-			t.Errorf("webhook %s: caBundle holds %d certificates, want exactly the CA cert-manager issued (injected by its cainjector)", w.Name, len(got))
+		got, err := certutil.ParseCertsPEM(w.ClientConfig.CABundle)
+		if err != nil || len(got) != 1 || !got[0].Equal(ca) {
+			t.Errorf("webhook %s: caBundle holds %d certificates (%v), want exactly the CA cert-manager issued (injected by its cainjector)", w.Name, len(got), err)
 		}
 		if w.ClientConfig.Service == nil || w.ClientConfig.URL != nil {
 			t.Errorf("webhook %s: clientConfig %+v, want the Service (as the manifest says)", w.Name, w.ClientConfig)
@@ -510,7 +501,7 @@ func (d *deployed) testRenewal(t *testing.T) {
 	if bytes.Equal(old.RawSubjectPublicKeyInfo, renewed.RawSubjectPublicKeyInfo) {
 		t.Errorf("the renewed certificate has the old key; the Certificate's rotationPolicy is Always")
 	}
-	if err := wait(ctx, "both webhook pods serving the renewed certificate", 3*time.Minute, func() error {
+	if err := cluster.Poll(ctx, "both webhook pods serving the renewed certificate", 200*time.Millisecond, 3*time.Minute, func() error {
 		for ip, served := range d.servedCertificates(ctx, t) {
 			if !served.Equal(renewed) {
 				return fmt.Errorf("pod %s serves serial %s", ip, served.SerialNumber)
@@ -561,11 +552,7 @@ func podRestarts(pods []corev1.Pod) []string {
 
 func (d *deployed) caCertificate(ctx context.Context, t *testing.T) *x509.Certificate {
 	t.Helper()
-	s := &corev1.Secret{}
-	if err := d.cl.Get(ctx, client.ObjectKey{Namespace: systemNS, Name: caSecret}, s); err != nil {
-		t.Fatal(err)
-	}
-	certs := pemCerts(t, s.Data[corev1.TLSCertKey])
+	certs := d.secretCerts(ctx, t, caSecret)
 	if len(certs) != 1 || !certs[0].IsCA {
 		t.Fatalf("Secret %s: want one CA certificate in tls.crt, got %d", caSecret, len(certs))
 	}
@@ -582,15 +569,22 @@ func (d *deployed) servingCertificate(ctx context.Context, t *testing.T, minRevi
 	if err != nil {
 		t.Fatal(err)
 	}
+	return d.secretCerts(ctx, t, servingTLS)[0], crt
+}
+
+// secretCerts are the certificates in the tls.crt of Secret name (at least
+// one: it fails the test otherwise).
+func (d *deployed) secretCerts(ctx context.Context, t *testing.T, name string) []*x509.Certificate {
+	t.Helper()
 	s := &corev1.Secret{}
-	if err := d.cl.Get(ctx, client.ObjectKey{Namespace: systemNS, Name: servingTLS}, s); err != nil {
+	if err := d.cl.Get(ctx, client.ObjectKey{Namespace: systemNS, Name: name}, s); err != nil {
 		t.Fatal(err)
 	}
-	certs := pemCerts(t, s.Data[corev1.TLSCertKey])
-	if len(certs) == 0 {
-		t.Fatalf("Secret %s has no certificate", servingTLS)
+	certs, err := certutil.ParseCertsPEM(s.Data[corev1.TLSCertKey])
+	if err != nil {
+		t.Fatalf("Secret %s: %v", name, err)
 	}
-	return certs[0], crt
+	return certs
 }
 
 // servedCertificates dials each webhook pod (pod IP, port 9443, SNI the
@@ -616,23 +610,6 @@ func (d *deployed) servedCertificates(ctx context.Context, t *testing.T) map[str
 		t.Fatalf("%d webhook pods, want 2", len(out))
 	}
 	return out
-}
-
-func pemCerts(t *testing.T, b []byte) []*x509.Certificate {
-	t.Helper()
-	var out []*x509.Certificate
-	for {
-		var blk *pem.Block
-		blk, b = pem.Decode(b)
-		if blk == nil {
-			return out
-		}
-		c, err := x509.ParseCertificate(blk.Bytes)
-		if err != nil {
-			t.Fatal(err)
-		}
-		out = append(out, c)
-	}
 }
 
 func revision(crt *cmapi.Certificate) int {

@@ -12,6 +12,7 @@ package e2e
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math"
 	"os"
@@ -64,8 +65,12 @@ func TestE2E(t *testing.T) {
 	}
 	realtest.Root(t)
 	realtest.HostLock(t) // one kubelet; no other package's runtimes or kubepods cgroups meanwhile
-	e := setUp(t)
+	setUp(t).runChecks(t)
+}
 
+// runChecks runs the checks TestE2E and TestDeployment share, through the
+// guard in the field g: the binaries or the deployment.
+func (e *env) runChecks(t *testing.T) {
 	t.Run("Throttle", e.testThrottle)
 	// These two reuse Throttle's pods.
 	t.Run("ContainerRestartKeepsLimit", e.testContainerRestart)
@@ -151,7 +156,7 @@ func (e *env) prepare(ctx context.Context) error {
 	// With the ServiceAccount admission plugin, a pod is refused until the
 	// controller-manager made its namespace's `default` ServiceAccount.
 	for _, ns := range []string{optedIn, notOptedIn} {
-		if err := wait(ctx, "ServiceAccount "+ns+"/default", 30*time.Second, func() error {
+		if err := cluster.Poll(ctx, "ServiceAccount "+ns+"/default", 200*time.Millisecond, 30*time.Second, func() error {
 			_, err := e.c.Client.CoreV1().ServiceAccounts(ns).Get(ctx, "default", metav1.GetOptions{})
 			return err
 		}); err != nil {
@@ -159,25 +164,6 @@ func (e *env) prepare(ctx context.Context) error {
 		}
 	}
 	return nil
-}
-
-// wait polls ok every 200 ms until it returns nil or timeout passes.
-func wait(ctx context.Context, what string, timeout time.Duration, ok func() error) error {
-	deadline := time.Now().Add(timeout)
-	for {
-		err := ok()
-		if err == nil {
-			return nil
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("%s: not after %s: %w", what, timeout, err)
-		}
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("%s: %w (last: %v)", what, ctx.Err(), err)
-		case <-time.After(200 * time.Millisecond):
-		}
-	}
 }
 
 func (e *env) tearDown(t *testing.T) {
@@ -361,16 +347,16 @@ func (e *env) waitCgroup(ctx context.Context, t *testing.T, pod *corev1.Pod, con
 func (e *env) waitCgroupBy(ctx context.Context, t *testing.T, deadline time.Time, pod *corev1.Pod, container string, read, write int) time.Time {
 	t.Helper()
 	dir := cluster.BlkioCgroup(pod, cluster.ContainerID(pod, container))
-	for {
-		r, w := iopsFiles(dir)
-		if holds(r, read) && holds(w, write) {
-			return time.Now()
+	var r, w string
+	if err := cluster.Poll(ctx, "cgroup limits", 100*time.Millisecond, time.Until(deadline), func() error {
+		if r, w = iopsFiles(dir); !holds(r, read) || !holds(w, write) {
+			return errors.New("not yet")
 		}
-		if time.Now().After(deadline) || ctx.Err() != nil {
-			t.Fatalf("%s/%s %s: read_iops_device %q write_iops_device %q, want %d and %d (0: empty) by %s", pod.Namespace, pod.Name, container, r, w, read, write, deadline.Format(time.TimeOnly))
-		}
-		time.Sleep(100 * time.Millisecond)
+		return nil
+	}); err != nil {
+		t.Fatalf("%s/%s %s: read_iops_device %q write_iops_device %q, want %d and %d (0: empty) by %s", pod.Namespace, pod.Name, container, r, w, read, write, deadline.Format(time.TimeOnly))
 	}
+	return time.Now()
 }
 
 // iopsFiles returns the trimmed contents of the cgroup's
@@ -402,27 +388,7 @@ func holds(content string, want int) bool {
 
 // nextRun waits for the container's first fio run that started after since.
 func (e *env) nextRun(ctx context.Context, pod *corev1.Pod, container string, since time.Time) (kdg.FioRun, error) {
-	timeout := 3 * (fioSeconds + 2) * time.Second
-	deadline := time.Now().Add(timeout)
-	for {
-		runs, err := kdg.FioRuns(ctx, e.c.Client, pod, container)
-		if err != nil {
-			return kdg.FioRun{}, err
-		}
-		for _, r := range runs {
-			if !r.Start.Before(since) {
-				return r, nil
-			}
-		}
-		if time.Now().After(deadline) {
-			return kdg.FioRun{}, fmt.Errorf("no fio run in %s/%s %s started after %s within %s (%d runs so far)", pod.Namespace, pod.Name, container, since.Format(time.TimeOnly), timeout, len(runs))
-		}
-		select {
-		case <-ctx.Done():
-			return kdg.FioRun{}, ctx.Err()
-		case <-time.After(500 * time.Millisecond):
-		}
-	}
+	return kdg.NextRun(ctx, e.c.Client, pod, container, since, 3*(fioSeconds+2)*time.Second)
 }
 
 // testWebhookDown: with the webhook stopped, the apiserver refuses pods in
@@ -463,14 +429,10 @@ func (e *env) testWebhookDown(t *testing.T) {
 		t.Fatalf("restarting the webhook: %v", err)
 	}
 	var p *corev1.Pod
-	for deadline := time.Now().Add(15 * time.Second); ; {
+	if err := cluster.Poll(ctx, "creating a pod", 200*time.Millisecond, 15*time.Second, func() (err error) {
 		p, err = pods.Pods(optedIn).Create(ctx, e.c.Pod(optedIn, "after-restart", "sleep", "inf"), metav1.CreateOptions{})
-		if err == nil || time.Now().After(deadline) {
-			break
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
-	if err != nil {
+		return err
+	}); err != nil {
 		t.Fatalf("pod in %s refused after the webhook came back: %v", optedIn, err)
 	}
 	if p.Annotations["kubediskguard.io/limits"] == "" {

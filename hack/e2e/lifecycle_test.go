@@ -203,24 +203,20 @@ func (e *env) taskPID(id string) (int, error) {
 // one whose ID was oldID, and returns the pod.
 func (e *env) waitRestarted(ctx context.Context, t *testing.T, pod *corev1.Pod, container, oldID string, oldRestarts int32) *corev1.Pod {
 	t.Helper()
-	deadline := time.Now().Add(60 * time.Second)
-	for {
-		p, err := e.c.Client.CoreV1().Pods(pod.Namespace).Get(ctx, pod.Name, metav1.GetOptions{})
-		if err == nil {
-			for _, cs := range p.Status.ContainerStatuses {
-				if cs.Name == container && cs.RestartCount > oldRestarts && cs.State.Running != nil &&
-					cs.ContainerID != "" && cluster.ContainerID(p, container) != oldID {
-					return p
-				}
+	var p *corev1.Pod
+	if err := cluster.Poll(ctx, "restart", 200*time.Millisecond, 60*time.Second, func() (err error) {
+		if p, err = e.c.Client.CoreV1().Pods(pod.Namespace).Get(ctx, pod.Name, metav1.GetOptions{}); err != nil {
+			return err
+		}
+		for _, cs := range p.Status.ContainerStatuses {
+			if cs.Name == container && cs.RestartCount > oldRestarts && cs.State.Running != nil &&
+				cs.ContainerID != "" && cluster.ContainerID(p, container) != oldID {
+				return nil
 			}
 		}
-		if time.Now().After(deadline) || ctx.Err() != nil {
-			var status any = err
-			if err == nil {
-				status = p.Status.ContainerStatuses
-			}
-			t.Fatalf("%s/%s %s not restarted after 60s: %+v", pod.Namespace, pod.Name, container, status)
-		}
-		time.Sleep(200 * time.Millisecond)
+		return fmt.Errorf("%+v", p.Status.ContainerStatuses)
+	}); err != nil {
+		t.Fatalf("%s/%s %s not restarted after 60s: %v", pod.Namespace, pod.Name, container, err)
 	}
+	return p
 }

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"strings"
 	"testing"
@@ -11,6 +12,7 @@ import (
 
 	"github.com/kubediskguard/kubediskguard/applier/cgroup"
 	"github.com/kubediskguard/kubediskguard/applier/device"
+	"github.com/kubediskguard/kubediskguard/hack/cluster"
 )
 
 // testDataTotalIOPS: DATA_TOTAL_IOPS on this node, whose block IO is cgroup
@@ -45,19 +47,18 @@ func (e *env) testDataTotalIOPS(t *testing.T) {
 	// iops (0: limit none of them) and returns when it saw them.
 	waitCap := func(iops uint64) time.Time {
 		t.Helper()
-		deadline := time.Now().Add(5 * time.Second)
-		for {
-			r, w := iopsFiles(kubepodsBlkio)
-			if capIs(r, devs, iops) && capIs(w, devs, iops) {
-				t.Logf("DATA_TOTAL_IOPS=%d: %s read_iops_device %q write_iops_device %q", iops, kubepodsBlkio, r, w)
-				return time.Now()
+		var r, w string
+		if err := cluster.Poll(ctx, "kubepods cap", 100*time.Millisecond, 5*time.Second, func() error {
+			if r, w = iopsFiles(kubepodsBlkio); !capIs(r, devs, iops) || !capIs(w, devs, iops) {
+				return errors.New("not yet")
 			}
-			if time.Now().After(deadline) {
-				t.Fatalf("DATA_TOTAL_IOPS=%d: %s read_iops_device %q write_iops_device %q, want %d for %v (0: none) 5s after the applier was ready",
-					iops, kubepodsBlkio, r, w, iops, devs)
-			}
-			time.Sleep(100 * time.Millisecond)
+			return nil
+		}); err != nil {
+			t.Fatalf("DATA_TOTAL_IOPS=%d: %s read_iops_device %q write_iops_device %q, want %d for %v (0: none) 5s after the applier was ready",
+				iops, kubepodsBlkio, r, w, iops, devs)
 		}
+		t.Logf("DATA_TOTAL_IOPS=%d: %s read_iops_device %q write_iops_device %q", iops, kubepodsBlkio, r, w)
+		return time.Now()
 	}
 
 	restart(fmt.Sprintf("DATA_TOTAL_IOPS=%d", totalIOPS))

@@ -31,14 +31,13 @@ import (
 	"github.com/kubediskguard/kubediskguard/hack/cluster"
 )
 
-// Proc is a binary started by Start.
+// Proc is a binary started by Start. Its start time (cluster.Proc) makes
+// sure a recycled PID is never signalled.
 type Proc struct {
-	Name      string `json:"name"`
-	PID       int    `json:"pid"`
-	StartTime string `json:"startTime"` // from /proc/PID/stat: never signal a recycled PID
-	Log       string `json:"log"`
-	exited    chan struct{}
-	waitErr   error // how it exited (cmd.Wait's error), once exited is closed
+	cluster.Proc
+	Log     string `json:"log"`
+	exited  chan struct{}
+	waitErr error // how it exited (cmd.Wait's error), once exited is closed
 }
 
 // Start runs bin with env added to this process's, its output in logFile,
@@ -56,7 +55,10 @@ func Start(bin, logFile string, env []string, args ...string) (*Proc, error) {
 	if err := cmd.Start(); err != nil {
 		return nil, err
 	}
-	p := &Proc{Name: filepath.Base(bin), PID: cmd.Process.Pid, StartTime: StartTime(cmd.Process.Pid), Log: logFile, exited: make(chan struct{})}
+	p := &Proc{
+		Proc: cluster.Proc{Name: filepath.Base(bin), PID: cmd.Process.Pid, StartTime: cluster.StartTime(cmd.Process.Pid)},
+		Log:  logFile, exited: make(chan struct{}),
+	}
 	go func() { p.waitErr = cmd.Wait(); close(p.exited) }()
 	return p, nil
 }
@@ -78,15 +80,12 @@ func (p *Proc) ExitErr() error {
 func Adopt(p *Proc) {
 	p.exited = make(chan struct{})
 	go func() {
-		for StartTime(p.PID) == p.StartTime {
+		for p.Alive() {
 			time.Sleep(100 * time.Millisecond)
 		}
 		close(p.exited)
 	}()
 }
-
-// Alive reports whether p still runs.
-func (p *Proc) Alive() bool { return p.PID > 0 && StartTime(p.PID) == p.StartTime }
 
 // Stop sends SIGTERM, then SIGKILL after 10 s, and waits for p to exit.
 func (p *Proc) Stop() { p.signal(syscall.SIGTERM, 10*time.Second) }
@@ -109,31 +108,28 @@ func (p *Proc) signal(sig syscall.Signal, grace time.Duration) {
 
 // WaitReady polls http://probe/readyz until p answers 200.
 func (p *Proc) WaitReady(ctx context.Context, probe string) error {
-	deadline := time.Now().Add(60 * time.Second)
-	var last string
-	for {
-		resp, err := (&http.Client{Timeout: 2 * time.Second}).Get("http://" + probe + "/readyz")
+	httpc := &http.Client{Timeout: 2 * time.Second}
+	err := cluster.Poll(ctx, p.Name+" ready (/readyz)", 200*time.Millisecond, 60*time.Second, func() error {
+		resp, err := httpc.Get("http://" + probe + "/readyz")
 		if err == nil {
 			b, _ := io.ReadAll(resp.Body)
 			resp.Body.Close()
 			if resp.StatusCode == http.StatusOK {
 				return nil
 			}
-			last = fmt.Sprintf("%d %s", resp.StatusCode, strings.TrimSpace(string(b)))
-		} else {
-			last = err.Error()
+			err = fmt.Errorf("%d %s", resp.StatusCode, strings.TrimSpace(string(b)))
 		}
 		select {
 		case <-p.exited:
-			return fmt.Errorf("%s exited at start; its log:\n%s", p.Name, Tail(p.Log, 20))
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(200 * time.Millisecond):
+			return cluster.Final(fmt.Errorf("exited at start (%v)", err))
+		default:
+			return err
 		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("%s not ready after 60s (/readyz: %s); its log:\n%s", p.Name, last, Tail(p.Log, 20))
-		}
+	})
+	if err != nil {
+		return fmt.Errorf("%w; its log:\n%s", err, Tail(p.Log, 20))
 	}
+	return nil
 }
 
 // Webhook is a running kubediskguard-webhook.
@@ -150,10 +146,7 @@ type Webhook struct {
 // for 127.0.0.1 signed by the cluster CA (written to certDir), and waits
 // until it is ready.
 func StartWebhook(ctx context.Context, c *cluster.Cluster, bin, certDir, logFile string) (*Webhook, error) {
-	ca, err := c.CA()
-	if err != nil {
-		return nil, err
-	}
+	ca := c.CA()
 	serving, err := ca.Issue([]string{"127.0.0.1", "localhost"}, 24*time.Hour)
 	if err != nil {
 		return nil, err
@@ -333,19 +326,25 @@ func FioRuns(ctx context.Context, client kubernetes.Interface, pod *corev1.Pod, 
 	return runs, nil
 }
 
-// StartTime is field 22 of /proc/PID/stat ("" if the process is gone).
-func StartTime(pid int) string {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return ""
-	}
-	s := string(b)
-	if i := strings.LastIndexByte(s, ')'); i >= 0 {
-		if f := strings.Fields(s[i+1:]); len(f) > 19 {
-			return f[19]
-		}
-	}
-	return ""
+// NextRun waits up to timeout for the container's first fio run that
+// started at since or later, and returns it.
+func NextRun(ctx context.Context, client kubernetes.Interface, pod *corev1.Pod, container string, since time.Time, timeout time.Duration) (FioRun, error) {
+	var run FioRun
+	err := cluster.Poll(ctx, fmt.Sprintf("a fio run in %s/%s %s started after %s", pod.Namespace, pod.Name, container, since.Format(time.TimeOnly)),
+		500*time.Millisecond, timeout, func() error {
+			runs, err := FioRuns(ctx, client, pod, container)
+			if err != nil {
+				return cluster.Final(err)
+			}
+			for _, r := range runs {
+				if !r.Start.Before(since) {
+					run = r
+					return nil
+				}
+			}
+			return fmt.Errorf("%d runs so far", len(runs))
+		})
+	return run, err
 }
 
 // FreePorts returns n free local TCP ports.

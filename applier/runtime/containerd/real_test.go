@@ -3,7 +3,6 @@ package containerd_test
 import (
 	"context"
 	"errors"
-	"reflect"
 	"syscall"
 	"testing"
 	"time"
@@ -71,30 +70,8 @@ func TestRealListAndContainer(t *testing.T) {
 		PID: int(app.Task.Pid()), CgroupDir: h.Join(p.Cgroup + "/app"),
 	}
 
-	start := time.Now()
-	list, err := rt.List(ctx)
-	t.Logf("List took %s", time.Since(start).Round(time.Microsecond))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !reflect.DeepEqual(list, []runtime.Container{want}) {
-		t.Fatalf("List:\n got %+v\nwant [%+v]", list, want)
-	}
-	// The cgroup from the spec is the one the kernel has the process in.
-	procDir, err := h.ProcessDir("", want.PID)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if procDir != want.CgroupDir {
-		t.Errorf("CgroupDir %s, but /proc/%d/cgroup says %s", want.CgroupDir, want.PID, procDir)
-	}
-
-	start = time.Now()
-	got, err := rt.Container(ctx, app.ID())
-	t.Logf("Container took %s", time.Since(start).Round(time.Microsecond))
-	if err != nil || got != want {
-		t.Errorf("Container(app) = %+v, %v; want %+v", got, err, want)
-	}
+	// The cgroup the runtime gives is the one the kernel has the process in.
+	runtimetest.CheckListed(ctx, t, rt, h, want)
 	wantCreated := runtime.Container{
 		ID: created.ID(), PodUID: p.UID, PodNamespace: "default", PodName: "web", Name: "init",
 		CgroupDir: h.Join(p.Cgroup + "/init"),

@@ -3,7 +3,6 @@ package docker_test
 import (
 	"context"
 	"errors"
-	"reflect"
 	"testing"
 	"time"
 
@@ -78,31 +77,8 @@ func TestRealListAndContainer(t *testing.T) {
 		PID: pidOf(t, d, app), CgroupDir: h.Join(p.Cgroup + "/" + app),
 	}
 
-	start := time.Now()
-	list, err := rt.List(ctx)
-	t.Logf("List took %s", time.Since(start).Round(time.Microsecond))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !reflect.DeepEqual(list, []runtime.Container{want}) {
-		t.Fatalf("List:\n got %+v\nwant [%+v]", list, want)
-	}
-	// The cgroup computed from the cgroup parent is the one the kernel
-	// has the process in.
-	procDir, err := h.ProcessDir("", want.PID)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if procDir != want.CgroupDir {
-		t.Errorf("CgroupDir %s, but /proc/%d/cgroup says %s", want.CgroupDir, want.PID, procDir)
-	}
-
-	start = time.Now()
-	got, err := rt.Container(ctx, app)
-	t.Logf("Container took %s", time.Since(start).Round(time.Microsecond))
-	if err != nil || got != want {
-		t.Errorf("Container(app) = %+v, %v; want %+v", got, err, want)
-	}
+	// The cgroup the runtime gives is the one the kernel has the process in.
+	runtimetest.CheckListed(ctx, t, rt, h, want)
 	if got, err := rt.Container(ctx, app[:12]); err != nil || got != want {
 		t.Errorf("Container(short ID) = %+v, %v; want %+v", got, err, want)
 	}

@@ -13,9 +13,13 @@ GO           ?= go
 GOTEST_FLAGS ?= -count=1 -timeout 60m
 
 VM_DIR       ?= $(CACHE)/vm
+# containerd 2.x built from the module proxy (hack/tools/containerd): the
+# cgroup v2 node's runtime, and the second containerd of the host's runtime tests
+CONTAINERD2_DIR ?= $(CACHE)/bin/containerd-$(shell awk '$$1 == "require" && $$2 == "github.com/containerd/containerd/v2" { print $$3 }' hack/tools/containerd/go.mod)
 
 export KUBEBUILDER_ASSETS := $(TEST_BIN_DIR)
 export KDG_VM_DIR := $(VM_DIR)
+export KDG_CONTAINERD2_DIR := $(CONTAINERD2_DIR)
 
 .PHONY: build test unit-test lint bench bench-load bench-applier test-bins vm-kernel host-deps fuzz demo clean
 
@@ -42,7 +46,7 @@ host-deps:
 ## test-bins: the pinned etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kube-proxy, kubectl, kubelet and cert-manager-local
 ## (hack/test-bins.sh builds what is missing, and cert-manager-local when its source changed; else it returns at once)
 test-bins:
-	KUBE_VERSION=$(KUBE_VERSION) ETCD_VERSION=$(ETCD_VERSION) bash hack/test-bins.sh $(TEST_BIN_DIR)
+	KUBE_VERSION=$(KUBE_VERSION) ETCD_VERSION=$(ETCD_VERSION) CONTAINERD2_DIR=$(CONTAINERD2_DIR) bash hack/test-bins.sh $(TEST_BIN_DIR)
 
 ## vm-kernel: qemu, cpio and Debian's 6.1 cloud kernel with its virtio modules,
 ## for the cgroup v2 test in a VM (the host's blkio is bound to cgroup v1)

@@ -28,20 +28,36 @@ export KDG_CONTAINERD2_DIR := $(CONTAINERD2_DIR)
 # busybox-static (the containers' root filesystem), fio (IO measurements),
 # containernetworking-plugins (the local cluster's pod network), iptables
 # (kube-proxy in the deployment test's cluster), iproute2 (its pod bridge).
-HOST_PACKAGES := containerd runc docker.io busybox-static fio containernetworking-plugins iptables iproute2
+# make demo needs only the first set.
+DEMO_PACKAGES := containerd runc busybox-static fio containernetworking-plugins iproute2
+HOST_PACKAGES := $(DEMO_PACKAGES) docker.io iptables
+# The pinned binaries make demo needs (a cluster without controller-manager,
+# scheduler or kube-proxy; no cert-manager); make test needs them all.
+DEMO_BINS := etcd kube-apiserver kubelet kubectl
 
 ## build: the two binaries into bin/
 build:
-	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-s -w" -o $(BIN)/kubediskguard-webhook ./webhook
-	CGO_ENABLED=0 $(GO) build -trimpath -ldflags "-s -w" -o $(BIN)/kubediskguard-applier ./applier
+	CGO_ENABLED=0 bash hack/gobuild.sh kubediskguard-webhook -trimpath -ldflags "-s -w" -o $(BIN)/kubediskguard-webhook ./webhook
+	CGO_ENABLED=0 bash hack/gobuild.sh kubediskguard-applier -trimpath -ldflags "-s -w" -o $(BIN)/kubediskguard-applier ./applier
 
 ## host-deps: install the Debian packages the tests need (as root), if missing
 host-deps:
-	@missing=$$(for p in $(HOST_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	@$(MAKE) --no-print-directory apt-install PACKAGES="$(HOST_PACKAGES)"
+
+# apt-install: install PACKAGES that are missing (as root)
+.PHONY: apt-install demo-deps demo-bins
+apt-install:
+	@missing=$$(for p in $(PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages: $$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
+
+## demo-deps, demo-bins: only what make demo needs
+demo-deps:
+	@$(MAKE) --no-print-directory apt-install PACKAGES="$(DEMO_PACKAGES)"
+demo-bins:
+	KUBE_VERSION=$(KUBE_VERSION) ETCD_VERSION=$(ETCD_VERSION) bash hack/test-bins.sh $(TEST_BIN_DIR) $(DEMO_BINS)
 
 ## test-bins: the pinned etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kube-proxy, kubectl, kubelet and cert-manager-local
 ## (hack/test-bins.sh builds what is missing, and cert-manager-local when its source changed; else it returns at once)
@@ -91,7 +107,7 @@ fuzz:
 ## in, fio in a pod is held to its limit (and not in a namespace that did not
 ## opt in), kubectl annotate changes it live, the applier's Event; then a table.
 ## Leaves nothing running (see hack/demo/main.go)
-demo: host-deps test-bins build
+demo: demo-deps demo-bins build
 	$(GO) run ./hack/demo
 
 clean:

@@ -10,6 +10,10 @@
 #
 # Usage:
 #   hack/test-bins.sh OUTDIR      build every binary missing from OUTDIR
+#   hack/test-bins.sh OUTDIR NAME...
+#                                 build only those (make demo: etcd kube-apiserver
+#                                 kubelet kubectl); NAME is one of the binaries
+#                                 above, or "containerd" for the three of containerd 2.x
 #   hack/test-bins.sh --regen     rewrite hack/tools/{kube,etcd}/go.mod+go.sum for
 #                                 KUBE_VERSION / ETCD_VERSION (needs the module proxy)
 #
@@ -42,7 +46,10 @@ export GOWORK=off
 export GOFLAGS="-buildvcs=false"
 export CGO_ENABLED=0
 
+GOBUILD_TAG=test-bins
 log() { printf '[test-bins] %s\n' "$*" >&2; }
+# go_build_progress: go build that shows how far it is.
+source "${ROOT}/hack/gobuild.sh"
 die() { log "error: $*"; exit 1; }
 
 usage() {
@@ -141,9 +148,18 @@ if [[ "${1:-}" == "--regen" ]]; then
   exit 0
 fi
 
-[[ $# -eq 1 && -n "$1" && "$1" != -* ]] || usage
+[[ $# -ge 1 && -n "$1" && "$1" != -* ]] || usage
 mkdir -p "$1"
 OUTDIR="$(cd "$1" && pwd)"
+shift
+ALL_NAMES=("${KUBE_CMDS[@]}" etcd cert-manager-local containerd)
+WANTED=("$@")
+((${#WANTED[@]} > 0)) || WANTED=("${ALL_NAMES[@]}")
+for name in "${WANTED[@]}"; do
+  [[ " ${ALL_NAMES[*]} " == *" ${name} "* ]] || die "unknown binary ${name} (one of: ${ALL_NAMES[*]})"
+done
+# wanted NAME: whether this run builds NAME.
+wanted() { [[ " ${WANTED[*]} " == *" $1 "* ]]; }
 
 # --- build --------------------------------------------------------------------
 
@@ -165,7 +181,7 @@ build_into() {
   # name explicitly (go.etcd.io/etcd/server/v3 would otherwise be "server").
   local out="${tmp}/"
   ((${#pkgs[@]} == 1)) && out="${tmp}/${names[0]}"
-  (cd "${moddir}" && go build -mod=readonly -trimpath -ldflags "${ldflags}" -o "${out}" "${pkgs[@]}")
+  (cd "${moddir}" && go_build_progress "${names[*]}" -mod=readonly -trimpath -ldflags "${ldflags}" -o "${out}" "${pkgs[@]}")
   for name in "${names[@]}"; do
     [[ -s "${tmp}/${name}" ]] || die "go build produced no ${name}"
     chmod 0755 "${tmp}/${name}"
@@ -177,6 +193,7 @@ build_into() {
 
 missing_kube=()
 for cmd in "${KUBE_CMDS[@]}"; do
+  wanted "${cmd}" || continue
   present "${cmd}" || missing_kube+=("${cmd}")
 done
 
@@ -198,7 +215,9 @@ else
   log "kube binaries ${KUBE_VERSION} already in ${OUTDIR}"
 fi
 
-if ! present etcd; then
+if ! wanted etcd; then
+  :
+elif ! present etcd; then
   use_module etcd "${ETCD_MOD_DIR}" go.etcd.io/etcd/server/v3 "${ETCD_VERSION}" write_etcd_module
   log "building etcd ${ETCD_VERSION} into ${OUTDIR} (cold: ~1 min)..."
   build_into "${MODDIR}" "-s -w" etcd -- go.etcd.io/etcd/server/v3
@@ -217,7 +236,9 @@ fi
 CERTMANAGER_MOD_DIR="${ROOT}/hack/tools/certmanager"
 CERTMANAGER_VERSION="$(pinned_version "${CERTMANAGER_MOD_DIR}/go.mod" github.com/cert-manager/cert-manager)"
 CERTMANAGER_SOURCES="$(cd "${CERTMANAGER_MOD_DIR}" && cat go.mod go.sum ./*.go | sha256sum | cut -d' ' -f1)"
-if ! present cert-manager-local || [[ "$(cat "${OUTDIR}/cert-manager-local.sources" 2>/dev/null)" != "${CERTMANAGER_SOURCES}" ]]; then
+if ! wanted cert-manager-local; then
+  :
+elif ! present cert-manager-local || [[ "$(cat "${OUTDIR}/cert-manager-local.sources" 2>/dev/null)" != "${CERTMANAGER_SOURCES}" ]]; then
   log "building cert-manager-local (cert-manager ${CERTMANAGER_VERSION}) into ${OUTDIR} (cold: ~3 min, ~1.1 GB RSS)..."
   build_into "${CERTMANAGER_MOD_DIR}" "-s -w -X github.com/cert-manager/cert-manager/pkg/util.AppVersion=${CERTMANAGER_VERSION}" \
     cert-manager-local -- kubediskguard.test/tools/certmanager
@@ -235,9 +256,9 @@ fi
 CONTAINERD_MOD_DIR="${ROOT}/hack/tools/containerd"
 CONTAINERD_VERSION="$(pinned_version "${CONTAINERD_MOD_DIR}/go.mod" github.com/containerd/containerd/v2)"
 CONTAINERD2_DIR="${CONTAINERD2_DIR:-$(dirname "${OUTDIR}")/containerd-${CONTAINERD_VERSION}}"
-mkdir -p "${CONTAINERD2_DIR}"
-CONTAINERD2_DIR="$(cd "${CONTAINERD2_DIR}" && pwd)"
-if ! [[ -x "${CONTAINERD2_DIR}/containerd" && -x "${CONTAINERD2_DIR}/ctr" && -x "${CONTAINERD2_DIR}/containerd-shim-runc-v2" ]]; then
+if ! wanted containerd; then
+  :
+elif ! { mkdir -p "${CONTAINERD2_DIR}" && CONTAINERD2_DIR="$(cd "${CONTAINERD2_DIR}" && pwd)"; } || ! [[ -x "${CONTAINERD2_DIR}/containerd" && -x "${CONTAINERD2_DIR}/ctr" && -x "${CONTAINERD2_DIR}/containerd-shim-runc-v2" ]]; then
   log "building containerd ${CONTAINERD_VERSION} (containerd, ctr, containerd-shim-runc-v2) into ${CONTAINERD2_DIR} (cold: ~5 min)..."
   saved_outdir="${OUTDIR}" saved_goflags="${GOFLAGS}"
   OUTDIR="${CONTAINERD2_DIR}"
@@ -250,4 +271,4 @@ else
   log "containerd ${CONTAINERD_VERSION} already in ${CONTAINERD2_DIR}"
 fi
 
-log "ready: ${OUTDIR} ($(cd "${OUTDIR}" && ls "${KUBE_CMDS[@]}" etcd cert-manager-local | tr '\n' ' '))"
+log "ready: ${WANTED[*]}"

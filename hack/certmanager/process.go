@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 
+	"github.com/kubediskguard/kubediskguard/hack/cluster"
 	"github.com/kubediskguard/kubediskguard/hack/kdg"
 )
 
@@ -30,7 +31,7 @@ func Start(ctx context.Context, binDir, kubeconfig, logFile string, args ...stri
 	if _, err := os.Stat(bin); err != nil {
 		return nil, fmt.Errorf("cert-manager binary: %w (make test-bins builds it)", err)
 	}
-	ports, err := kdg.FreePorts(1)
+	ports, err := cluster.FreeLocalPorts(1)
 	if err != nil {
 		return nil, err
 	}

@@ -21,6 +21,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -36,6 +37,10 @@ import (
 // Config says where the cluster lives and which binaries it runs. Zero
 // values take the defaults (see withDefaults).
 type Config struct {
+	// Node is the node kind the cluster runs on: HostNode (this machine;
+	// the default) or another kind registered with RegisterNodeKind.
+	Node NodeKind
+
 	Dir      string // state dir: PKI, configs, data, logs, state.json; default /tmp/kdg-cluster
 	BinDir   string // etcd, kube-apiserver, kubelet, kubectl; default $KUBEBUILDER_ASSETS
 	NodeName string // default kdg-node
@@ -46,6 +51,10 @@ type Config struct {
 	Ctr        string // default ctr from $PATH
 	Busybox    string // a static busybox for the images; default /bin/busybox
 	CNIBinDir  string // default /usr/lib/cni (Debian's containernetworking-plugins)
+
+	// DataDiskMiB is the size of the node's data disk (the host node's is
+	// a sparse file); default 4096.
+	DataDiskMiB int
 
 	// PodNetwork gives pods their own network namespace on a host bridge
 	// (PodBridge, 10.244.0.0/24, no gateway, no masquerade, no forwarding).
@@ -84,6 +93,14 @@ func (c *Config) withDefaults() error {
 	}
 	if c.NodeName == "" {
 		c.NodeName = "kdg-node"
+	}
+	kind, err := ParseNodeKind(string(c.Node))
+	if err != nil {
+		return err
+	}
+	c.Node = kind
+	if c.DataDiskMiB == 0 {
+		c.DataDiskMiB = 4096
 	}
 	def := func(p *int, v int) {
 		if *p == 0 {
@@ -130,6 +147,13 @@ func (c Config) Missing() []string {
 		return []string{err.Error()}
 	}
 	var out []string
+	if c.Node != HostNode {
+		impl, err := kindImpl(c.Node)
+		if err != nil {
+			return []string{err.Error()}
+		}
+		return impl.Missing(c)
+	}
 	bins := []string{"etcd", "kube-apiserver", "kubelet", "kubectl"}
 	if c.Full {
 		bins = append(bins, "kube-controller-manager", "kube-scheduler", "kube-proxy")
@@ -150,6 +174,8 @@ func (c Config) Missing() []string {
 		{c.Busybox, "apt-get install busybox-static"},
 		{filepath.Join(c.CNIBinDir, "loopback"), "apt-get install containernetworking-plugins"},
 		{"ip", "apt-get install iproute2"},
+		{"losetup", "apt-get install mount"},
+		{"mkfs.ext4", "apt-get install e2fsprogs"},
 	} {
 		if _, err := exec.LookPath(p.path); err != nil {
 			out = append(out, p.path+" ("+p.how+")")
@@ -179,22 +205,30 @@ type Proc struct {
 // State is saved as DIR/state.json as soon as anything is started, so that
 // `down` can tear down after the `up` process died.
 type State struct {
+	Node               NodeKind   `json:"node"` // "" (written before node kinds) is the host
 	ContainerdAddress  string     `json:"containerdAddress"`
 	ContainerdStateDir string     `json:"containerdStateDir"`
 	Kubeconfig         string     `json:"kubeconfig"`
 	PodBridge          string     `json:"podBridge,omitempty"` // the bridge interface to delete at teardown
 	Procs              []Proc     `json:"procs"`
 	Host               *HostState `json:"host"`
+	// DataDisk is the host node's data disk (loop device, mount).
+	DataDisk *DataDiskState `json:"dataDisk,omitempty"`
+	Layout   *Layout        `json:"layout,omitempty"` // the node's, once known
 }
 
 // Cluster is a running cluster.
 type Cluster struct {
 	Config
 	State
+	// Node is the machine the kubelet runs on: everything node-local
+	// (cgroup files, the data disk, processes, images) is asked of it.
+	Node    Node
 	Client  *kubernetes.Clientset
 	Timings []Timing
 
-	ca *pki.CA // the cluster CA, made by writePKI
+	ca *pki.CA    // the cluster CA, made by writePKI
+	mu sync.Mutex // guards State.Procs and the state file
 }
 
 // Timing is how long a step of Up took.
@@ -206,6 +240,12 @@ type Timing struct {
 func stateFile(dir string) string { return filepath.Join(dir, "state.json") }
 
 func (c *Cluster) save() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.saveLocked()
+}
+
+func (c *Cluster) saveLocked() error {
 	b, err := json.MarshalIndent(c.State, "", "  ")
 	if err != nil {
 		return err
@@ -225,8 +265,9 @@ func (c *Cluster) path(parts ...string) string {
 	return filepath.Join(append([]string{c.Dir}, parts...)...)
 }
 
-// Up starts the cluster and returns when the Node is Ready. On failure (or
-// when ctx ends) it tears down what it started before returning the error.
+// Up starts the cluster on the node kind cfg.Node and returns when the
+// Node is Ready. On failure (or when ctx ends) it tears down what it
+// started before returning the error.
 func Up(ctx context.Context, cfg Config) (_ *Cluster, err error) {
 	if err := cfg.withDefaults(); err != nil {
 		return nil, err
@@ -234,6 +275,18 @@ func Up(ctx context.Context, cfg Config) (_ *Cluster, err error) {
 	if m := cfg.Missing(); len(m) > 0 {
 		return nil, fmt.Errorf("missing: %s", strings.Join(m, "; "))
 	}
+	if cfg.Node != HostNode {
+		impl, err := kindImpl(cfg.Node)
+		if err != nil {
+			return nil, err
+		}
+		return impl.Up(ctx, cfg)
+	}
+	return upHost(ctx, cfg)
+}
+
+// upHost is Up on this machine (HostNode).
+func upHost(ctx context.Context, cfg Config) (_ *Cluster, err error) {
 	if _, err := os.Stat(stateFile(cfg.Dir)); err == nil {
 		return nil, fmt.Errorf("%s exists: a cluster is up or was not torn down; run `go run ./hack/cluster/cmd down -dir %s`", stateFile(cfg.Dir), cfg.Dir)
 	}
@@ -260,6 +313,7 @@ func Up(ctx context.Context, cfg Config) (_ *Cluster, err error) {
 		return nil, err
 	}
 	c := &Cluster{Config: cfg}
+	c.State.Node = HostNode
 	// The socket has a folder of its own, which a DaemonSet can mount
 	// without the runtime's root and its rootfs mounts.
 	c.State.ContainerdAddress = c.path("containerd-run", "containerd.sock")
@@ -288,7 +342,7 @@ func Up(ctx context.Context, cfg Config) (_ *Cluster, err error) {
 		name string
 		fn   func(context.Context) error
 	}
-	var steps []step
+	steps := []step{{"data disk", c.setUpDataDisk}}
 	if c.PodNetwork {
 		steps = append(steps, step{"pod network", c.startPodNetwork})
 	}
@@ -297,7 +351,7 @@ func Up(ctx context.Context, cfg Config) (_ *Cluster, err error) {
 	if c.Full {
 		steps = append(steps, step{"kube-controller-manager", c.startControllerManager}, step{"kube-scheduler", c.startScheduler})
 	}
-	steps = append(steps, step{"containerd", c.startContainerd}, step{"kubelet", c.startKubelet})
+	steps = append(steps, step{"containerd", c.startContainerd}, step{"node layout", c.setHostNode}, step{"kubelet", c.startKubelet})
 	if c.Full {
 		steps = append(steps, step{"kube-proxy", c.startKubeProxy})
 	}
@@ -314,25 +368,51 @@ func Up(ctx context.Context, cfg Config) (_ *Cluster, err error) {
 	return c, nil
 }
 
-// start runs a component in its own process group (a Ctrl-C on the
-// terminal reaches the harness, which then stops it in order), logging to
-// DIR/logs/NAME.log, and records it in the state file.
+// setHostNode makes the host the cluster's Node, once containerd runs
+// (its version is part of the layout).
+func (c *Cluster) setHostNode(context.Context) error {
+	l, err := c.hostLayout()
+	if err != nil {
+		return err
+	}
+	c.Node = &hostNode{c: c, layout: l}
+	c.State.Layout = &l
+	c.logf("node layout: %s", l)
+	return c.save()
+}
+
+// start runs a component of the cluster (startProc).
 func (c *Cluster) start(name, bin string, args ...string) (Proc, error) {
-	logf, err := os.OpenFile(c.path("logs", name+".log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	return c.startProc(ProcSpec{Name: name, Bin: bin, Args: args})
+}
+
+// startProc runs a program on the host in its own process group (a Ctrl-C
+// on the terminal reaches the harness, which then stops it in order; it
+// outlives the harness's process), with spec.Env added to this process's
+// environment, logging to DIR/logs/NAME.log, and records it in the state
+// file (Down stops it).
+func (c *Cluster) startProc(spec ProcSpec) (Proc, error) {
+	logf, err := os.OpenFile(c.path("logs", spec.Name+".log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
 		return Proc{}, err
 	}
 	defer logf.Close()
-	cmd := exec.Command(bin, args...)
+	cmd := exec.Command(spec.Bin, spec.Args...)
+	if len(spec.Env) > 0 {
+		cmd.Env = append(os.Environ(), spec.Env...)
+	}
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.Dir = c.Dir
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {
 		return Proc{}, err
 	}
-	p := Proc{Name: name, PID: cmd.Process.Pid, StartTime: StartTime(cmd.Process.Pid)}
+	p := Proc{Name: spec.Name, PID: cmd.Process.Pid, StartTime: StartTime(cmd.Process.Pid)}
+	c.mu.Lock()
 	c.Procs = append(c.Procs, p)
-	if err := c.save(); err != nil {
+	err = c.saveLocked()
+	c.mu.Unlock()
+	if err != nil {
 		return Proc{}, err
 	}
 	go cmd.Wait() // reap; liveness is checked through /proc
@@ -541,21 +621,21 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 		return err
 	}
 	if err := c.wait(ctx, "containerd", proc, 30*time.Second, func() error {
-		_, err := c.Ctr("version")
+		_, err := c.ctr("version")
 		return err
 	}); err != nil {
 		return err
 	}
 	for _, img := range []string{"busybox.tar", "pause.tar"} {
-		if _, err := c.Ctr("images", "import", c.path("images", img)); err != nil {
+		if _, err := c.ctr("images", "import", c.path("images", img)); err != nil {
 			return err
 		}
 	}
 	return nil
 }
 
-// Ctr runs ctr against the cluster's containerd in the k8s.io namespace.
-func (c *Cluster) Ctr(args ...string) ([]byte, error) {
+// ctr runs ctr against the cluster's containerd in the k8s.io namespace.
+func (c *Cluster) ctr(args ...string) ([]byte, error) {
 	return CtrAt(c.Config.Ctr, c.ContainerdAddress)(args...)
 }
 
@@ -704,14 +784,14 @@ const (
 	PodGateway = "10.244.0.1"
 )
 
-// Env is the environment a local KubeDiskGuard applier (and kubectl) needs
-// to work against this cluster, as KEY=VALUE.
+// Env is the environment KubeDiskGuard's applier needs on the node to work
+// against this cluster, as KEY=VALUE (on-node paths).
 func (c *Cluster) Env() []string {
 	return []string{
-		"KUBECONFIG=" + c.Kubeconfig,
+		"KUBECONFIG=" + c.Node.Kubeconfig(),
 		"NODE_NAME=" + c.NodeName,
 		"CONTAINER_RUNTIME=containerd",
-		"CONTAINER_SOCKET_PATH=" + c.ContainerdAddress,
+		"CONTAINER_SOCKET_PATH=" + c.Node.ContainerdSocket(),
 		"CONTAINERD_NAMESPACE=k8s.io",
 	}
 }
@@ -721,6 +801,7 @@ var stateDirEntries = map[string]bool{
 	"logs": true, "pki": true, "images": true, "etcd": true, "apiserver": true, "containerd": true,
 	"containerd-run": true, "kubelet": true, "kubelet-pki": true, "kubelet-pod-logs": true, "cni-ipam": true,
 	"admin.kubeconfig": true, "kubelet.kubeconfig": true, "kubelet.yaml": true, "kube-proxy.yaml": true, "state.json.tmp": true,
+	"data.img": true, "data": true, "kdg": true,
 }
 
 // EmptyOwnedDir empties dir, which owner (a program) made, after checking

@@ -112,6 +112,7 @@ func testClusterUpSmokeDown(t *testing.T, cfg Config) {
 	if !strings.HasPrefix(res.Cgroup, "/sys/fs/cgroup/blkio/kubepods/besteffort/pod") {
 		t.Errorf("cgroup %s", res.Cgroup)
 	}
+	checkDataDisk(t, c)
 
 	taskIDs, _ := listDir(filepath.Join(c.ContainerdStateDir, "io.containerd.runtime.v2.task", "k8s.io"))
 	start = time.Now()
@@ -126,6 +127,59 @@ func testClusterUpSmokeDown(t *testing.T, cfg Config) {
 
 	checkStopped(t, c.State, taskIDs)
 	checkHostAsBefore(t, before, dir)
+}
+
+// checkDataDisk: the node's data dir is a mount point of its own, shared,
+// of the device DataDisk names: a loop device backed by the state dir's
+// image.
+func checkDataDisk(t *testing.T, c *Cluster) {
+	t.Helper()
+	dir, disk := c.Node.DataDir(), c.Node.DataDisk()
+	mounts, err := mountInfo()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var found bool
+	for _, m := range mounts {
+		if m.MountPoint != dir {
+			continue
+		}
+		found = true
+		if m.Device != disk || m.FSType != "ext4" {
+			t.Errorf("%s is mounted from %s (%s), want the data disk %s (ext4)", dir, m.Device, m.FSType, disk)
+		}
+	}
+	if !sharedMount(t, dir) {
+		t.Errorf("%s is not a shared mount", dir)
+	}
+	if !found {
+		t.Errorf("the data dir %s is not a mount point", dir)
+	}
+	if got := loopBacking(c.DataDisk.Loop); got != c.DataDisk.Image {
+		t.Errorf("%s is backed by %q, want %s", c.DataDisk.Loop, got, c.DataDisk.Image)
+	}
+	t.Logf("data disk %s (%s) mounted at %s", c.DataDisk.Loop, disk, dir)
+}
+
+// sharedMount reports whether the mount at dir has a peer group
+// ("shared:N" among mountinfo's optional fields).
+func sharedMount(t *testing.T, dir string) bool {
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		pre, _, _ := strings.Cut(line, " - ")
+		f := strings.Fields(pre)
+		if len(f) > 6 && f[4] == dir {
+			for _, o := range f[6:] {
+				if strings.HasPrefix(o, "shared:") {
+					return true
+				}
+			}
+		}
+	}
+	return false
 }
 
 // TestClusterUpFailureTearsDown: when a component dies during Up, Up tears
@@ -244,6 +298,7 @@ func snapshotForTest(t *testing.T, dir string) map[string]any {
 		}
 	}
 	s["nft tables"] = fmt.Sprint(nftTables())
+	s["loop devices"] = loopDevices()
 	if ifs, err := net.Interfaces(); err == nil {
 		var names []string
 		for _, i := range ifs {

@@ -6,8 +6,9 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"os"
-	"path/filepath"
+	"path"
+	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -16,6 +17,8 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/utils/ptr"
+
+	"github.com/kubediskguard/kubediskguard/applier/cgroup"
 )
 
 // Pod is a pod for this node: spec.nodeName set (no scheduler runs), the
@@ -87,10 +90,30 @@ func ContainerID(pod *corev1.Pod, name string) string {
 	return ""
 }
 
-// BlkioCgroup is where the kubelet (cgroupfs driver) puts a BestEffort
-// container in the v1 blkio hierarchy.
-func BlkioCgroup(pod *corev1.Pod, containerID string) string {
-	return filepath.Join(cgroupRoot, "blkio", "kubepods", "besteffort", "pod"+string(pod.UID), containerID)
+// ContainerCgroup is the on-node cgroup directory, in the IO hierarchy, of
+// container name of pod (which must have its status), as the node's layout
+// places it.
+func (c *Cluster) ContainerCgroup(pod *corev1.Pod, name string) (string, error) {
+	id := ContainerID(pod, name)
+	if id == "" {
+		return "", fmt.Errorf("pod %s/%s has no container %q with an ID in its status", pod.Namespace, pod.Name, name)
+	}
+	return c.Node.Layout().ContainerCgroup(pod, id)
+}
+
+// TaskPID is the on-node PID of the main process of the container id, from
+// the node's containerd.
+func TaskPID(ctx context.Context, n Node, id string) (int, error) {
+	out, err := n.Ctr(ctx, "tasks", "ls")
+	if err != nil {
+		return 0, err
+	}
+	for _, line := range strings.Split(string(out), "\n") {
+		if f := strings.Fields(line); len(f) >= 2 && f[0] == id {
+			return strconv.Atoi(f[1])
+		}
+	}
+	return 0, fmt.Errorf("containerd has no task %s:\n%s", id, out)
 }
 
 // SmokeResult is what Smoke measured.
@@ -103,8 +126,8 @@ type SmokeResult struct {
 }
 
 // Smoke proves the node works: a pod runs, kubectl exec reaches it (through
-// the apiserver → kubelet TLS path) and its container is in the expected
-// blkio cgroup. It deletes the pod afterwards.
+// the apiserver → kubelet TLS path) and its container's main process is in
+// the cgroup the node's layout names (the IO hierarchy's). It deletes the pod afterwards.
 func (c *Cluster) Smoke(ctx context.Context) (*SmokeResult, error) {
 	res := &SmokeResult{}
 	t := time.Now()
@@ -126,19 +149,30 @@ func (c *Cluster) Smoke(ctx context.Context) (*SmokeResult, error) {
 	}
 	res.Exec = time.Since(t)
 	id := ContainerID(p, "main")
-	want := strings.TrimPrefix(BlkioCgroup(p, id), cgroupRoot+"/blkio")
-	found := ""
-	for _, line := range strings.Split(string(out), "\n") {
-		if parts := strings.SplitN(line, ":", 3); len(parts) == 3 && strings.Contains(","+parts[1]+",", ",blkio,") {
-			found = parts[2]
+	l := c.Node.Layout()
+	if res.Cgroup, err = l.ContainerCgroup(p, id); err != nil {
+		return nil, err
+	}
+	// On cgroup v1 the container shares the node's cgroup namespace: it
+	// sees its own cgroup path.
+	if l.Cgroup == cgroup.V1 {
+		want := strings.TrimPrefix(res.Cgroup, l.IODir())
+		if found, err := cgroup.ParseProcCgroup(string(out), l.Cgroup); err != nil || found != want {
+			return nil, fmt.Errorf("container's blkio cgroup is %q (%v), want %q (exec output: %s)", found, err, want, out)
 		}
 	}
-	if found != want {
-		return nil, fmt.Errorf("container's blkio cgroup is %q, want %q (exec output: %s)", found, want, out)
+	// Whatever the layout: the container's main process is in the cgroup
+	// the layout names.
+	pid, err := TaskPID(ctx, c.Node, id)
+	if err != nil {
+		return nil, err
 	}
-	res.Cgroup = BlkioCgroup(p, id)
-	if _, err := os.Stat(res.Cgroup); err != nil {
-		return nil, fmt.Errorf("cgroup dir: %w", err)
+	procs, err := c.Node.ReadFile(ctx, path.Join(res.Cgroup, "cgroup.procs"))
+	if err != nil {
+		return nil, fmt.Errorf("the container's cgroup: %w", err)
+	}
+	if !slices.Contains(strings.Fields(string(procs)), strconv.Itoa(pid)) {
+		return nil, fmt.Errorf("the container's main process %d is not in %s (it holds %q)", pid, res.Cgroup, procs)
 	}
 	if c.Full {
 		t = time.Now()

@@ -21,14 +21,18 @@ import (
 
 // Down stops the cluster recorded in dir/state.json and undoes its host
 // changes. It works from the state file alone, so it also cleans up after an
-// `up` process that died. The whole teardown, in this order:
+// `up` process that died. A cluster on another node kind is torn down by
+// its NodeKindImpl.Down. The whole teardown of a host node, in this order:
+//  0. stop the programs started on the node for the cluster (Node.Start:
+//     KubeDiskGuard's binaries);
 //  1. if the cluster still answers, delete every pod (grace 1 s) so the
 //     kubelet stops the sandboxes itself (CNI netns, shm mounts go away);
 //  2. stop the kubelet; kill what is left in the kubepods cgroups;
 //  3. stop containerd, kill its runc shims (found by their -address), stop
 //     the apiserver and etcd (each by recorded PID + start time);
 //  4. unmount everything under the state dir (the kubelet's bind mount of its
-//     root dir, rootfs overlays, shm) and the CNI netns it left in /run/netns;
+//     root dir, rootfs overlays, shm, the data disk) and the CNI netns it
+//     left in /run/netns; detach the data disk's loop device;
 //  5. rmdir the kubepods cgroup trees it created (every hierarchy, leaf first);
 //  6. remove the shim sockets in /run/containerd/s, the fixed host paths it
 //     created, the iptables chains the kubelet added, and restore the
@@ -52,8 +56,25 @@ func Down(dir string, log io.Writer) error {
 	if err := json.Unmarshal(b, &st); err != nil {
 		return fmt.Errorf("reading %s: %w", stateFile(dir), err)
 	}
+	if st.Node != "" && st.Node != HostNode {
+		impl, err := kindImpl(st.Node)
+		if err != nil {
+			return fmt.Errorf("%s records a cluster on node kind %s: %w", stateFile(dir), st.Node, err)
+		}
+		if err := impl.Down(dir, st, log); err != nil {
+			return err
+		}
+		return os.Remove(stateFile(dir))
+	}
 	start := time.Now()
 	var errs []error
+
+	// 0. What was started on the node for the cluster, newest first.
+	for i := len(st.Procs) - 1; i >= 0; i-- {
+		if !components[st.Procs[i].Name] {
+			stop(st.Procs[i], 10*time.Second)
+		}
+	}
 	proc := func(name string) (Proc, bool) {
 		for _, p := range st.Procs {
 			if p.Name == name {
@@ -123,8 +144,11 @@ func Down(dir string, log io.Writer) error {
 		}
 	}
 
-	// 4. Mounts.
+	// 4. Mounts, the data disk.
 	if err := unmountAll(dir); err != nil {
+		errs = append(errs, err)
+	}
+	if err := tearDownDataDisk(st.DataDisk); err != nil {
 		errs = append(errs, err)
 	}
 	if st.Host != nil {
@@ -248,6 +272,13 @@ func deleteAllPods(kubeconfig string, timeout time.Duration) error {
 	})
 }
 
+// components are the names of the cluster's own processes (State.Procs);
+// any other name there is a program started on the node (Node.Start).
+var components = map[string]bool{
+	"etcd": true, "kube-apiserver": true, "kube-controller-manager": true, "kube-scheduler": true,
+	"containerd": true, "kubelet": true, "kube-proxy": true,
+}
+
 // StartTime is field 22 of /proc/PID/stat (clock ticks since boot); "" if
 // the process is gone or a zombie (as good as gone).
 func StartTime(pid int) string {
@@ -255,7 +286,11 @@ func StartTime(pid int) string {
 	if err != nil {
 		return ""
 	}
-	s := string(b)
+	return parseStartTime(string(b))
+}
+
+// parseStartTime is StartTime from the contents of /proc/PID/stat.
+func parseStartTime(s string) string {
 	i := strings.LastIndexByte(s, ')')
 	if i < 0 {
 		return ""

@@ -11,12 +11,15 @@
 //  4. `kubectl describe pod` shows the Event the applier recorded.
 //
 // It brings up the cluster of hack/cluster (etcd, kube-apiserver, containerd,
-// kubelet), runs the built binaries bin/kubediskguard-webhook and
-// bin/kubediskguard-applier against it as a deployment would configure them
-// (the apiserver calls the webhook over TLS; the applier watches containerd
-// and limits the disk holding DATA_MOUNT), and tears everything down on exit,
-// on Ctrl-C and on failure. All its files live in -dir (removed at the end);
-// the logs of the last run are kept in -logs, inside the repository.
+// kubelet) on the node kind -node names (this host by default), runs the
+// built binaries bin/kubediskguard-webhook and bin/kubediskguard-applier on
+// its node as a deployment would configure them (the apiserver calls the
+// webhook over TLS; the applier watches containerd and limits the node's
+// data disk, mounted at DATA_MOUNT), and tears everything down on exit, on
+// Ctrl-C and on failure. Everything node-local (cgroup files, the data disk,
+// the binaries' processes) is asked of the cluster's Node. All its files
+// live in -dir (removed at the end); the logs of the last run are kept in
+// -logs, inside the repository.
 //
 // Run it with `make demo` (which installs and builds what it needs first), or
 // `go run ./hack/demo` with KUBEBUILDER_ASSETS set and `make build` done.
@@ -24,13 +27,13 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
 	"os"
 	"os/signal"
+	"path"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -41,9 +44,9 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
-	"github.com/kubediskguard/kubediskguard/applier/device"
 	"github.com/kubediskguard/kubediskguard/hack/cluster"
 	"github.com/kubediskguard/kubediskguard/hack/kdg"
+	"github.com/kubediskguard/kubediskguard/shared/limits"
 )
 
 // The story's settings.
@@ -58,7 +61,8 @@ const (
 )
 
 func main() {
-	dir := flag.String("dir", "/var/tmp/kdg-demo", "state dir: the cluster, the data dir (DATA_MOUNT), certificates, logs; removed at exit. It must be on a disk (not tmpfs): its filesystem's disk is what gets limited")
+	dir := flag.String("dir", "/var/tmp/kdg-demo", "state dir: the cluster (with the host node's data disk image), certificates, logs; removed at exit")
+	node := flag.String("node", "host", "the node kind: host (this machine: cgroup v1, cgroupfs, containerd 1.6) or v2 (a qemu VM: cgroup v2, systemd, containerd 2.x)")
 	binDir := flag.String("bin", "bin", "where kubediskguard-webhook and kubediskguard-applier are (make build)")
 	manifest := flag.String("manifest", "manifests/webhook/mutatingwebhookconfiguration.yaml", "the webhook configuration to register")
 	logs := flag.String("logs", ".cache/demo/last-run", "where the logs of the run are copied before -dir is removed")
@@ -76,6 +80,10 @@ func main() {
 		os.Exit(2)
 	}
 	d.manifest = *manifest
+	if d.node, err = cluster.ParseNodeKind(*node); err != nil {
+		fmt.Fprintln(os.Stderr, "demo:", err)
+		os.Exit(2)
+	}
 
 	// The first Ctrl-C (or SIGTERM) cancels the story; the teardown then
 	// runs to its end, so further ones are only acknowledged.
@@ -115,10 +123,10 @@ func main() {
 type demo struct {
 	out                            io.Writer
 	dir, binDir, logsDir, manifest string
+	node                           cluster.NodeKind
 
-	c     *cluster.Cluster
-	procs []*kdg.Proc // webhook, applier: stopped in reverse order
-	rows  []row
+	c    *cluster.Cluster // its Down stops the binaries started on its node too
+	rows []row
 }
 
 // row is one line of the final table.
@@ -129,7 +137,9 @@ func (d *demo) path(parts ...string) string {
 }
 
 func (d *demo) clusterDir() string { return d.path("cluster") }
-func (d *demo) dataDir() string    { return d.path("data") }
+
+// dataDir is the node's data dir (on its data disk).
+func (d *demo) dataDir() string { return d.c.Node.DataDir() }
 
 // step prints a progress line.
 func (d *demo) step(format string, args ...any) {
@@ -150,18 +160,17 @@ func (d *demo) run(ctx context.Context) error {
 	if err := d.recover(); err != nil {
 		return err
 	}
-	for _, sub := range []string{"logs", "data"} {
-		if err := os.MkdirAll(d.path(sub), 0o755); err != nil {
-			return err
-		}
+	if err := os.MkdirAll(d.dir, 0o755); err != nil {
+		return err
 	}
 
-	d.step("starting a single-node Kubernetes (etcd, kube-apiserver, containerd, kubelet); state in %s", d.clusterDir())
-	c, err := cluster.Up(ctx, cluster.Config{Dir: d.clusterDir(), Log: prefixWriter{d.out, "    "}})
+	d.step("starting a single-node Kubernetes (etcd, kube-apiserver, containerd, kubelet) on the %s node; state in %s", d.node, d.clusterDir())
+	c, err := cluster.Up(ctx, cluster.Config{Node: d.node, Dir: d.clusterDir(), Log: prefixWriter{d.out, "    "}})
 	if err != nil {
 		return fmt.Errorf("starting the cluster: %w", err)
 	}
 	d.c = c
+	d.say("    node %s: %s; data disk %s mounted at %s", c.NodeName, c.Node.Layout(), c.Node.DataDisk(), c.Node.DataDir())
 
 	if err := d.startWebhook(ctx); err != nil {
 		return err
@@ -169,7 +178,7 @@ func (d *demo) run(ctx context.Context) error {
 	if err := d.startApplier(ctx); err != nil {
 		return err
 	}
-	if err := d.prepareFioFile(); err != nil {
+	if err := d.prepareFioFile(ctx); err != nil {
 		return err
 	}
 	d.say("\nReady in %s. kubectl below is %s --kubeconfig %s\n",
@@ -234,7 +243,7 @@ func (d *demo) story(ctx context.Context) error {
 		d.say("    (no annotations)")
 	}
 
-	d.say("\nThe applier wrote them into the container's blkio cgroup, for the disk holding %s (%s):", d.dataDir(), d.disk())
+	d.say("\nThe applier wrote them into the container's cgroup, for the data disk mounted at %s (%s):", d.dataDir(), d.disk())
 	lim, err := d.limitedRun(ctx, limited, nsIOPS)
 	if err != nil {
 		return err
@@ -312,7 +321,7 @@ func (d *demo) kubectl(ctx context.Context, args ...string) ([]byte, error) {
 }
 
 // fioPod is the workload: busybox (the cluster's local image) looping fio
-// runs. fio and its libraries come from the host, read-only: the local
+// runs. fio and its libraries come from the node, read-only: the local
 // cluster has no registry, and the node's fio is what REAL-COMPONENTS.md
 // measured.
 func (d *demo) fioPod(ns string) string {
@@ -336,7 +345,7 @@ spec:
     command: [sh, -c, %[6]q]
     volumeMounts:
     - {name: data, mountPath: /data}
-    - {name: host-usr, mountPath: /usr, readOnly: true}       # fio and its libraries, from the host
+    - {name: host-usr, mountPath: /usr, readOnly: true}       # fio and its libraries, from the node
     - {name: host-lib, mountPath: /lib, readOnly: true}
     - {name: host-lib64, mountPath: /lib64, readOnly: true}
   volumes:
@@ -347,44 +356,44 @@ spec:
 `, podName, ns, d.c.NodeName, !d.c.PodNetwork, cluster.BusyboxImage, script, d.dataDir())
 }
 
-// prepareFioFile writes the file fio reads, from this process: outside any
-// throttled cgroup, and with real blocks.
-func (d *demo) prepareFioFile() error {
-	d.step("writing the %d MiB file fio reads, %s", fioFileMiB, filepath.Join(d.dataDir(), "fio.dat"))
-	return kdg.WriteDataFile(filepath.Join(d.dataDir(), "fio.dat"), fioFileMiB)
+// prepareFioFile writes the file fio reads, on the node outside any
+// throttled cgroup, with real blocks.
+func (d *demo) prepareFioFile(ctx context.Context) error {
+	f := path.Join(d.dataDir(), "fio.dat")
+	d.step("writing the %d MiB file fio reads, %s", fioFileMiB, f)
+	return cluster.WriteDataFile(ctx, d.c.Node, f, fioFileMiB)
 }
 
-// disk is the device number of the filesystem holding the data dir (the
-// applier limits it, or its whole disk if it is a partition).
-func (d *demo) disk() string {
-	var st syscall.Stat_t
-	if err := syscall.Stat(d.dataDir(), &st); err != nil {
-		return "?"
-	}
-	return device.FromRdev(st.Dev).String()
-}
+// disk is the device number of the node's data disk (what the applier
+// limits).
+func (d *demo) disk() string { return d.c.Node.DataDisk().String() }
 
 // waitCgroup waits until the pod's container has want as its read IOPS
-// limit in its blkio cgroup, prints the file, and returns when it saw it.
-func (d *demo) waitCgroup(ctx context.Context, pod *corev1.Pod, want string) (time.Time, error) {
-	file := filepath.Join(cluster.BlkioCgroup(pod, cluster.ContainerID(pod, "fio")), "blkio.throttle.read_iops_device")
-	var last string
+// limit on the data disk in its cgroup, prints the file that holds it (v1
+// blkio.throttle.read_iops_device, v2 io.max), and returns when it saw it.
+func (d *demo) waitCgroup(ctx context.Context, pod *corev1.Pod, want uint64) (time.Time, error) {
+	dir, err := d.c.ContainerCgroup(pod, "fio")
+	if err != nil {
+		return time.Time{}, err
+	}
+	file := path.Join(dir, d.c.Node.Layout().LimitFile(limits.ReadIOPS))
 	if err := cluster.Poll(ctx, file, 100*time.Millisecond, 30*time.Second, func() error {
-		b, err := os.ReadFile(file)
-		last = strings.TrimSpace(string(b))
+		got, err := cluster.IOLimits(ctx, d.c.Node, dir)
 		if err != nil {
 			return err
 		}
-		for _, line := range strings.Split(last, "\n") {
-			if f := strings.Fields(line); len(f) == 2 && f[1] == want {
-				return nil
-			}
+		if got[d.c.Node.DataDisk()].ReadIOPS != want {
+			return fmt.Errorf("limits %s, want read-iops=%d on %s", cluster.FormatIOLimits(got), want, d.disk())
 		}
-		return fmt.Errorf("%q, want a line with %s", last, want)
+		return nil
 	}); err != nil {
 		return time.Time{}, fmt.Errorf("%w: see the applier's log", err)
 	}
-	d.say("$ cat %s\n    %s", file, last)
+	b, err := d.c.Node.ReadFile(ctx, file)
+	if err != nil {
+		return time.Time{}, err
+	}
+	d.say("$ cat %s\n%s", file, indent(string(b), "    "))
 	return time.Now(), nil
 }
 
@@ -420,7 +429,7 @@ func (d *demo) nextRun(ctx context.Context, pod *corev1.Pod, since time.Time) (k
 // the pod's cgroup, then for the first fio run that started after, and
 // returns it.
 func (d *demo) limitedRun(ctx context.Context, pod *corev1.Pod, iops int) (kdg.FioRun, error) {
-	applied, err := d.waitCgroup(ctx, pod, strconv.Itoa(iops))
+	applied, err := d.waitCgroup(ctx, pod, uint64(iops))
 	if err != nil {
 		return kdg.FioRun{}, err
 	}
@@ -482,61 +491,41 @@ func describeExcerpt(s string) string {
 
 // ---- KubeDiskGuard's two binaries ----
 
-// startWebhook serves the webhook on a free local port with a certificate
-// signed by the cluster CA, and registers the shipped
+// startWebhook serves the webhook on the node on a free loopback port with
+// a certificate signed by the cluster CA, and registers the shipped
 // MutatingWebhookConfiguration with its clientConfig pointed at it (there is
 // no kube-proxy to reach a Service). See hack/kdg.
 func (d *demo) startWebhook(ctx context.Context) error {
 	d.step("starting kubediskguard-webhook")
-	w, err := kdg.StartWebhook(ctx, d.c, filepath.Join(d.binDir, "kubediskguard-webhook"), d.path("webhook-certs"), d.path("logs", "kubediskguard-webhook.log"))
-	if w != nil && w.Proc.PID > 0 {
-		if err := d.started(w.Proc); err != nil {
-			return err
-		}
-	}
+	w, err := kdg.StartWebhook(ctx, d.c, filepath.Join(d.binDir, "kubediskguard-webhook"))
 	if err != nil {
 		return err
 	}
-	d.say("    kubediskguard-webhook ready (pid %d, log %s)", w.PID, w.Log)
+	d.say("    kubediskguard-webhook ready (pid %d on the node, log %s)", w.Proc.PID, w.Log)
 	d.say("    registering %s with clientConfig.url %s and the cluster CA as caBundle", d.manifest, w.URL)
-	return w.Register(ctx, d.c, d.manifest, d.path("mutatingwebhookconfiguration.yaml"))
+	return w.Register(ctx, d.manifest, d.path("mutatingwebhookconfiguration.yaml"))
 }
 
-// startApplier runs the applier as the DaemonSet would: this node, the
-// cluster's containerd, the data disk's mount.
+// startApplier runs the applier on the node as the DaemonSet would: this
+// node, the node's containerd, the data disk's mount.
 func (d *demo) startApplier(ctx context.Context) error {
 	d.step("starting kubediskguard-applier (DATA_MOUNT=%s)", d.dataDir())
-	p, err := kdg.StartApplier(ctx, d.c, filepath.Join(d.binDir, "kubediskguard-applier"), d.dataDir(), d.path("logs", "kubediskguard-applier.log"), "CHECK_INTERVAL=5")
+	p, err := kdg.StartApplier(ctx, d.c, filepath.Join(d.binDir, "kubediskguard-applier"), "kubediskguard-applier", "CHECK_INTERVAL=5")
 	if err != nil {
 		return err
 	}
-	if err := d.started(p); err != nil {
-		return err
-	}
-	d.say("    kubediskguard-applier ready (pid %d, log %s)", p.PID, p.Log)
+	d.say("    kubediskguard-applier ready (pid %d on the node, log %s)", p.Proc.PID, p.Log)
 	return nil
-}
-
-func procsFile(dir string) string { return filepath.Join(dir, "procs.json") }
-
-// started records p in procs.json, for recover after a crash.
-func (d *demo) started(p *kdg.Proc) error {
-	d.procs = append(d.procs, p)
-	b, _ := json.Marshal(d.procs)
-	return os.WriteFile(procsFile(d.dir), b, 0o644)
 }
 
 // ---- teardown ----
 
-// cleanup stops the binaries, tears the cluster down (which undoes its host
-// changes), keeps the logs and removes the state dir.
+// cleanup tears the cluster down (which stops the binaries on its node and
+// undoes its host changes), keeps the logs and removes the state dir.
 func (d *demo) cleanup() error {
 	var errs []error
-	if len(d.procs) > 0 || d.c != nil {
+	if d.c != nil {
 		d.step("cleaning up: stopping KubeDiskGuard and the cluster, removing %s", d.dir)
-	}
-	for i := len(d.procs) - 1; i >= 0; i-- {
-		d.procs[i].Stop()
 	}
 	if _, err := os.Stat(filepath.Join(d.clusterDir(), "state.json")); err == nil {
 		if err := cluster.Down(d.clusterDir(), prefixWriter{d.out, "    "}); err != nil {
@@ -554,20 +543,9 @@ func (d *demo) cleanup() error {
 	return errors.Join(errs...)
 }
 
-// recover cleans up after an earlier run that was killed before it could.
+// recover cleans up after an earlier run that was killed before it could
+// (the cluster's state file records the binaries it started on the node).
 func (d *demo) recover() error {
-	if b, err := os.ReadFile(procsFile(d.dir)); err == nil {
-		var old []*kdg.Proc
-		if json.Unmarshal(b, &old) == nil {
-			for _, p := range old {
-				if p.Alive() {
-					d.step("stopping %s (pid %d) left by an earlier run", p.Name, p.PID)
-					kdg.Adopt(p)
-					p.Stop()
-				}
-			}
-		}
-	}
 	if _, err := os.Stat(filepath.Join(d.clusterDir(), "state.json")); err == nil {
 		d.step("tearing down the cluster an earlier run left in %s", d.clusterDir())
 		if err := cluster.Down(d.clusterDir(), prefixWriter{d.out, "    "}); err != nil {
@@ -580,7 +558,8 @@ func (d *demo) recover() error {
 	return removeOwnDir(d.dir)
 }
 
-// ownEntries are the names the demo writes in its state dir.
+// ownEntries are the names the demo writes in its state dir (and, "data",
+// "logs", "webhook-certs" and "procs.json", wrote before the node seam).
 var ownEntries = map[string]bool{
 	"cluster": true, "data": true, "logs": true, "webhook-certs": true, "procs.json": true,
 	"fio-" + optedIn + ".yaml": true, "fio-" + notOptedIn + ".yaml": true, "mutatingwebhookconfiguration.yaml": true,

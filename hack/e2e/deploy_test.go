@@ -12,7 +12,6 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -74,25 +73,23 @@ func TestDeployment(t *testing.T) {
 // deployed is KubeDiskGuard as manifests/ deploys it: the guard of
 // TestDeployment.
 type deployed struct {
-	e         *env
-	cl        client.Client // with cert-manager's types
-	certMgr   *certmanager.Process
-	settings  []string // set on the DaemonSet on top of the overlay's
-	paused    bool     // the DaemonSet's pods are kept off the node
-	dataMount string   // the data directory's own mount, to unmount at the end
+	e        *env
+	cl       client.Client // with cert-manager's types
+	certMgr  *certmanager.Process
+	settings []string // set on the DaemonSet on top of the overlay's
+	paused   bool     // the DaemonSet's pods are kept off the node
 }
 
 func setUpDeployment(t *testing.T) (*env, *deployed) {
 	assets := realtest.KubeAssets(t, "etcd", "kube-apiserver", "kubelet", "kubectl",
 		"kube-controller-manager", "kube-scheduler", "kube-proxy", certmanager.Binary)
-	cfg := cluster.Config{BinDir: assets, Log: testWriter{t}, Full: true}
+	cfg := cluster.Config{Node: nodeKind(t), BinDir: assets, Log: testWriter{t}, Full: true}
 	for _, m := range cfg.Missing() {
 		realtest.Missing(t, m, "make host-deps test-bins")
 	}
 	for _, b := range []struct{ bin, how string }{
 		{"dockerd", "apt-get install docker.io"},
 		{"/usr/bin/docker", "apt-get install docker.io"},
-		{"fio", "apt-get install fio"},
 	} {
 		if _, err := exec.LookPath(b.bin); err != nil {
 			realtest.Missing(t, b.bin, b.how+" (make host-deps)")
@@ -107,7 +104,7 @@ func setUpDeployment(t *testing.T) (*env, *deployed) {
 		t.Fatal(err)
 	}
 	e := &env{dir: dir}
-	for _, sub := range []string{"data", "logs", "overlay"} {
+	for _, sub := range []string{"logs", "overlay"} {
 		if err := os.MkdirAll(filepath.Join(dir, sub), 0o755); err != nil {
 			t.Fatal(err)
 		}
@@ -116,16 +113,6 @@ func setUpDeployment(t *testing.T) (*env, *deployed) {
 	d := &deployed{e: e}
 	e.g = d
 	t.Cleanup(func() { e.tearDown(t) })
-	// The data directory as a node's data disk is: a mount of its own, and
-	// shared, as systemd makes every mount; the DaemonSet's
-	// HostToContainer propagation needs that (this host's / is private).
-	if err := syscall.Mount(e.data(), e.data(), "", syscall.MS_BIND, ""); err != nil {
-		t.Fatalf("bind-mounting %s: %v", e.data(), err)
-	}
-	d.dataMount = e.data()
-	if err := syscall.Mount("", e.data(), "", syscall.MS_SHARED, ""); err != nil {
-		t.Fatalf("making %s shared: %v", e.data(), err)
-	}
 
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
 	defer cancel()
@@ -140,8 +127,12 @@ func setUpDeployment(t *testing.T) (*env, *deployed) {
 	if e.c, err = cluster.Up(ctx, cfg); err != nil {
 		t.Fatalf("cluster up: %v", err)
 	}
-	if err := built.Import(e.c.Ctr); err != nil {
-		t.Fatal(err)
+	t.Logf("node %s: %s; data disk %s at %s", e.c.NodeName, e.c.Node.Layout(), e.c.Node.DataDisk(), e.c.Node.DataDir())
+	e.checkFio(ctx, t)
+	for _, img := range []images.Image{built.Webhook, built.Applier} {
+		if err := e.c.Node.ImportImage(ctx, img.Tar); err != nil {
+			t.Fatalf("importing %s into the node's containerd: %v", img.Tag, err)
+		}
 	}
 	rc, err := clientcmd.BuildConfigFromFlags("", e.c.Kubeconfig)
 	if err != nil {
@@ -169,7 +160,7 @@ func setUpDeployment(t *testing.T) (*env, *deployed) {
 		t.Fatalf("starting cert-manager: %v", err)
 	}
 
-	overlay, err := writeOverlay(filepath.Join(dir, "overlay"), filepath.Join(root, "manifests"), e.c.ContainerdAddress, e.data())
+	overlay, err := writeOverlay(filepath.Join(dir, "overlay"), filepath.Join(root, "manifests"), e.c.Node.ContainerdSocket(), e.c.Node.DataDir())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -193,9 +184,9 @@ func setUpDeployment(t *testing.T) (*env, *deployed) {
 }
 
 // writeOverlay writes what a platform team would for this node: the base,
-// with the DaemonSet's containerd and data hostPaths pointed at this
-// cluster's (the folder of a private containerd's socket; a data directory
-// on the disk), and the periodic check every 5 s as TestE2E runs the
+// with the DaemonSet's containerd and data hostPaths pointed at the node's
+// (the folder of the kubelet's containerd's socket; the data disk's mount
+// point, shared as systemd mounts it: HostToContainer needs that), and the periodic check every 5 s as TestE2E runs the
 // applier. Kustomize refuses an absolute path to the base: it is made
 // relative.
 func writeOverlay(dir, base, containerdSocket, data string) (string, error) {
@@ -333,7 +324,7 @@ func (d *deployed) StartWebhook(ctx context.Context) error {
 const pauseSelector = `{"spec":{"template":{"spec":{"nodeSelector":{"kubediskguard.io/e2e-paused":"true"}}}}}`
 
 // StopApplier keeps the DaemonSet's pod off the node. A crash is a SIGKILL
-// of the applier's process on the host first (as the OOM killer would);
+// of the applier's process on the node first (as the OOM killer would);
 // the DaemonSet controller then deletes the pod before the kubelet's
 // restart of the container matters.
 func (d *deployed) StopApplier(ctx context.Context, crash bool) error {
@@ -343,11 +334,11 @@ func (d *deployed) StopApplier(ctx context.Context, crash bool) error {
 			return err
 		}
 		for _, p := range pods {
-			pid, err := d.e.taskPID(cluster.ContainerID(&p, "applier"))
+			pid, err := cluster.TaskPID(ctx, d.e.c.Node, cluster.ContainerID(&p, "applier"))
 			if err != nil {
 				return err
 			}
-			if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+			if err := cluster.Signal(ctx, d.e.c.Node, pid, "KILL"); err != nil {
 				return fmt.Errorf("killing the applier (pid %d): %w", pid, err)
 			}
 		}
@@ -425,12 +416,6 @@ func (d *deployed) Close(t *testing.T) {
 	if d.certMgr != nil {
 		if err := d.certMgr.Stop(); err != nil {
 			t.Errorf("stopping cert-manager: %v", err)
-		}
-	}
-	if d.dataMount != "" {
-		// Also gone from the applier's mount namespace (a slave of it).
-		if err := syscall.Unmount(d.dataMount, syscall.MNT_DETACH); err != nil {
-			t.Errorf("unmounting %s: %v", d.dataMount, err)
 		}
 	}
 }

@@ -5,18 +5,23 @@
 //
 //	make build test-bins && KUBEBUILDER_ASSETS=$PWD/.cache/bin/k8s-v1.36.3 go test -count=1 -v ./hack/e2e/
 //
-// One cluster serves the whole package (TestE2E's subtests) and is torn down
-// at its end. It holds realtest.HostLock throughout; skipped with -short;
-// under CI=true a missing component fails it.
+// One cluster serves each test (TestE2E's subtests) and is torn down at its
+// end, on the node kind KDG_NODE names (host, the default, or v2; `make
+// test NODE=v2`): every check asks the cluster's Node for what is
+// node-local (cgroup directories and limit files, the data disk, processes)
+// and never reads the host's paths, so the same checks run on every node
+// layout. It holds realtest.HostLock throughout; skipped with -short; under
+// CI=true a missing component fails it.
 package e2e
 
 import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"math"
 	"os"
-	"os/exec"
+	"path"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -25,8 +30,10 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
+	"github.com/kubediskguard/kubediskguard/applier/device"
 	"github.com/kubediskguard/kubediskguard/hack/cluster"
 	"github.com/kubediskguard/kubediskguard/hack/kdg"
+	"github.com/kubediskguard/kubediskguard/shared/limits"
 	"github.com/kubediskguard/kubediskguard/shared/realtest"
 )
 
@@ -42,21 +49,35 @@ const (
 	fioFileMiB = 64
 	tolerance  = 0.10
 	repoRoot   = "../.."
-
-	// kubepodsBlkio is the kubepods cgroup the kubelet (cgroupfs driver)
-	// makes in the v1 blkio hierarchy; cluster.BlkioCgroup is below it.
-	kubepodsBlkio = "/sys/fs/cgroup/blkio/kubepods"
 )
 
 // env is the package's cluster with KubeDiskGuard running on it.
 type env struct {
 	c   *cluster.Cluster
-	dir string
+	dir string // on the host: the cluster's state dir, files given to kubectl
 	g   guard
 }
 
+// data is a path in the node's data dir (on its data disk), as the
+// applier's DATA_MOUNT and pods' hostPath see it.
 func (e *env) data(parts ...string) string {
-	return filepath.Join(append([]string{e.dir, "data"}, parts...)...)
+	return path.Join(append([]string{e.c.Node.DataDir()}, parts...)...)
+}
+
+// nodeKind is the node kind the tests run on: KDG_NODE (host by default).
+func nodeKind(t *testing.T) cluster.NodeKind {
+	k, err := cluster.ParseNodeKind(os.Getenv("KDG_NODE"))
+	if err != nil {
+		t.Fatalf("KDG_NODE: %v", err)
+	}
+	return k
+}
+
+// checkFio: fio, which the pods run from the node's /usr, is on the node.
+func (e *env) checkFio(ctx context.Context, t *testing.T) {
+	if _, err := e.c.Node.Run(ctx, "fio", "--version"); err != nil {
+		realtest.Missing(t, "fio on the node ("+err.Error()+")", "apt-get install fio (make host-deps)")
+	}
 }
 
 func TestE2E(t *testing.T) {
@@ -82,7 +103,7 @@ func (e *env) runChecks(t *testing.T) {
 
 func setUp(t *testing.T) *env {
 	assets := realtest.KubeAssets(t, "etcd", "kube-apiserver", "kubelet", "kubectl")
-	cfg := cluster.Config{BinDir: assets, Log: testWriter{t}}
+	cfg := cluster.Config{Node: nodeKind(t), BinDir: assets, Log: testWriter{t}}
 	for _, m := range cfg.Missing() {
 		realtest.Missing(t, m, "make host-deps test-bins")
 	}
@@ -95,20 +116,12 @@ func setUp(t *testing.T) *env {
 			realtest.Missing(t, "bin/"+b, "make build")
 		}
 	}
-	if _, err := exec.LookPath("fio"); err != nil {
-		realtest.Missing(t, "fio", "apt-get install fio (make host-deps)")
-	}
-	// On a disk, not tmpfs: the data dir's disk is what gets limited.
+	// On a disk, not tmpfs: the host node's data disk is a file in it.
 	dir, err := os.MkdirTemp("/var/tmp", "kdg-e2e-")
 	if err != nil {
 		t.Fatal(err)
 	}
 	e := &env{dir: dir}
-	for _, sub := range []string{"data", "logs"} {
-		if err := os.MkdirAll(filepath.Join(dir, sub), 0o755); err != nil {
-			t.Fatal(err)
-		}
-	}
 	cfg.Dir = filepath.Join(dir, "cluster")
 	t.Cleanup(func() { e.tearDown(t) })
 
@@ -117,12 +130,14 @@ func setUp(t *testing.T) *env {
 	if e.c, err = cluster.Up(ctx, cfg); err != nil {
 		t.Fatalf("cluster up: %v", err)
 	}
-	b := &binaries{c: e.c, dir: dir, bin: bin, data: e.data()}
+	t.Logf("node %s: %s; data disk %s at %s", e.c.NodeName, e.c.Node.Layout(), e.c.Node.DataDisk(), e.c.Node.DataDir())
+	e.checkFio(ctx, t)
+	b := &binaries{c: e.c, bin: bin}
 	e.g = b
-	if b.webhook, err = kdg.StartWebhook(ctx, e.c, filepath.Join(bin, "kubediskguard-webhook"), filepath.Join(dir, "webhook-certs"), filepath.Join(dir, "logs", "webhook.log")); err != nil {
+	if b.webhook, err = kdg.StartWebhook(ctx, e.c, filepath.Join(bin, "kubediskguard-webhook")); err != nil {
 		t.Fatalf("webhook: %v", err)
 	}
-	if err := b.webhook.Register(ctx, e.c, filepath.Join(repoRoot, "manifests/webhook/mutatingwebhookconfiguration.yaml"), filepath.Join(dir, "mwc.yaml")); err != nil {
+	if err := b.webhook.Register(ctx, filepath.Join(repoRoot, "manifests/webhook/mutatingwebhookconfiguration.yaml"), filepath.Join(dir, "mwc.yaml")); err != nil {
 		t.Fatalf("registering the webhook: %v", err)
 	}
 	if err := b.StartApplier(ctx); err != nil {
@@ -137,7 +152,7 @@ func setUp(t *testing.T) *env {
 // prepare writes the shared fio data file and makes the test namespaces:
 // optedIn opted in with a default of nsIOPS, notOptedIn not.
 func (e *env) prepare(ctx context.Context) error {
-	if err := kdg.WriteDataFile(e.data("read.dat"), fioFileMiB); err != nil {
+	if err := cluster.WriteDataFile(ctx, e.c.Node, e.data("read.dat"), fioFileMiB); err != nil {
 		return err
 	}
 	for _, args := range [][]string{
@@ -210,7 +225,7 @@ func (e *env) pod(ctx context.Context, t *testing.T, ns, name string) *corev1.Po
 
 // fioContainer loops fio runs: a 4k random-read job on the shared data file
 // and a 4k random-write job on its own file, both O_DIRECT, each run's JSON
-// between markers in its log (kdg.FioRuns). fio comes from the host.
+// between markers in its log (kdg.FioRuns). fio comes from the node.
 func (e *env) fioContainer(name, writeFile string) corev1.Container {
 	script := fmt.Sprintf(`i=0; while :; do i=$((i+1)); sleep 1; `+
 		`/usr/bin/fio --size=%dM --bs=4k --direct=1 --ioengine=libaio --iodepth=8 --runtime=%d --time_based --output-format=json --output=/tmp/fio.json `+
@@ -228,13 +243,17 @@ func (e *env) fioContainer(name, writeFile string) corev1.Container {
 	}
 }
 
+// fioPod is a pod of fioContainers on the data disk, their write files
+// written on the node (outside any throttled cgroup) first.
 func (e *env) fioPod(ns, name string, annotations map[string]string, containers ...string) *corev1.Pod {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
 	p := e.c.Pod(ns, name)
 	p.Annotations = annotations
 	p.Spec.Containers = nil
 	for _, c := range containers {
 		wf := fmt.Sprintf("write-%s-%s-%s.dat", ns, name, c)
-		if err := kdg.WriteDataFile(e.data(wf), fioFileMiB); err != nil {
+		if err := cluster.WriteDataFile(ctx, e.c.Node, e.data(wf), fioFileMiB); err != nil {
 			panic(err)
 		}
 		p.Spec.Containers = append(p.Spec.Containers, e.fioContainer(c, wf))
@@ -336,8 +355,9 @@ func checkRun(t *testing.T, what string, r kdg.FioRun, read, write int) {
 	}
 }
 
-// waitCgroup waits until the container's blkio throttle files hold read and
-// write as IOPS limits (0: no limit at all), and returns when it saw them.
+// waitCgroup waits until the container's cgroup limits the node's data
+// disk, and only it, to read and write IOPS (0: no IOPS limit on any
+// device), and returns when it saw them.
 func (e *env) waitCgroup(ctx context.Context, t *testing.T, pod *corev1.Pod, container string, read, write int) time.Time {
 	t.Helper()
 	return e.waitCgroupBy(ctx, t, time.Now().Add(30*time.Second), pod, container, read, write)
@@ -346,44 +366,43 @@ func (e *env) waitCgroup(ctx context.Context, t *testing.T, pod *corev1.Pod, con
 // waitCgroupBy is waitCgroup with a deadline.
 func (e *env) waitCgroupBy(ctx context.Context, t *testing.T, deadline time.Time, pod *corev1.Pod, container string, read, write int) time.Time {
 	t.Helper()
-	dir := cluster.BlkioCgroup(pod, cluster.ContainerID(pod, container))
-	var r, w string
+	dir, err := e.c.ContainerCgroup(pod, container)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got string
 	if err := cluster.Poll(ctx, "cgroup limits", 100*time.Millisecond, time.Until(deadline), func() error {
-		if r, w = iopsFiles(dir); !holds(r, read) || !holds(w, write) {
+		var ok bool
+		if got, ok = e.iopsAre(ctx, dir, read, write); !ok {
 			return errors.New("not yet")
 		}
 		return nil
 	}); err != nil {
-		t.Fatalf("%s/%s %s: read_iops_device %q write_iops_device %q, want %d and %d (0: empty) by %s", pod.Namespace, pod.Name, container, r, w, read, write, deadline.Format(time.TimeOnly))
+		t.Fatalf("%s/%s %s: cgroup %s limits %s, want read-iops=%d write-iops=%d on the data disk %s only (0: none) by %s",
+			pod.Namespace, pod.Name, container, dir, got, read, write, e.c.Node.DataDisk(), deadline.Format(time.TimeOnly))
 	}
 	return time.Now()
 }
 
-// iopsFiles returns the trimmed contents of the cgroup's
-// blkio.throttle.{read,write}_iops_device (an error's text if unreadable).
-func iopsFiles(dir string) (read, write string) {
-	get := func(file string) string {
-		b, err := os.ReadFile(filepath.Join(dir, file))
-		if err != nil {
-			return err.Error()
-		}
-		return strings.TrimSpace(string(b))
+// iopsAre reports whether the IOPS limits of the cgroup at dir on the node
+// are read and write on the data disk and none elsewhere (read and write
+// 0: no IOPS limit at all), with the limits it read (or why it could not).
+func (e *env) iopsAre(ctx context.Context, dir string, read, write int) (string, bool) {
+	got, err := cluster.IOLimits(ctx, e.c.Node, dir)
+	if err != nil {
+		return err.Error(), false
 	}
-	return get("blkio.throttle.read_iops_device"), get("blkio.throttle.write_iops_device")
-}
-
-// holds reports whether a blkio throttle file's contents limit some device
-// to want, or, for want 0, limit nothing.
-func holds(content string, want int) bool {
-	if want == 0 {
-		return content == ""
-	}
-	for _, line := range strings.Split(content, "\n") {
-		if f := strings.Fields(line); len(f) == 2 && f[1] == fmt.Sprint(want) {
-			return true
+	iops := map[device.Device]limits.Limits{}
+	for d, l := range got {
+		if l.ReadIOPS != 0 || l.WriteIOPS != 0 {
+			iops[d] = limits.Limits{ReadIOPS: l.ReadIOPS, WriteIOPS: l.WriteIOPS}
 		}
 	}
-	return false
+	want := map[device.Device]limits.Limits{}
+	if read != 0 || write != 0 {
+		want[e.c.Node.DataDisk()] = limits.Limits{ReadIOPS: uint64(read), WriteIOPS: uint64(write)}
+	}
+	return cluster.FormatIOLimits(got), maps.Equal(iops, want)
 }
 
 // nextRun waits for the container's first fio run that started after since.

@@ -3,9 +3,9 @@ package e2e
 import (
 	"context"
 	"fmt"
-	"os"
 	"path/filepath"
 	"testing"
+	"time"
 
 	"github.com/kubediskguard/kubediskguard/hack/cluster"
 	"github.com/kubediskguard/kubediskguard/hack/kdg"
@@ -33,28 +33,29 @@ type guard interface {
 	Close(t *testing.T)
 }
 
-// binaries runs bin/kubediskguard-{webhook,applier} on the host, as the
-// DaemonSet and Deployment would configure them (hack/kdg, like make demo).
+// binaries runs bin/kubediskguard-{webhook,applier} on the cluster's node
+// (cluster.Node.Start), as the DaemonSet and Deployment would configure
+// them (hack/kdg, like make demo).
 type binaries struct {
-	c              *cluster.Cluster
-	dir, bin, data string
-	webhook        *kdg.Webhook
-	applier        *kdg.Proc // nil while stopped
-	settings       []string  // the running applier's, on top of applierSettings
-	starts         int       // numbers the applier's log files
+	c        *cluster.Cluster
+	bin      string // the host's bin/ with the built binaries
+	webhook  *kdg.Webhook
+	applier  *kdg.NodeProc // nil while stopped
+	settings []string      // the running applier's, on top of applierSettings
+	starts   int           // numbers the applier's processes (and logs)
 }
 
 // applierSettings is how the applier binary runs unless a test says
 // otherwise (DATA_TOTAL_IOPS at its default, 3000).
 const applierSettings = "CHECK_INTERVAL=5"
 
-func (b *binaries) StopWebhook(context.Context) error {
-	b.webhook.Kill()
+func (b *binaries) StopWebhook(ctx context.Context) error {
+	b.webhook.Kill(ctx)
 	return nil
 }
 
 func (b *binaries) StartWebhook(ctx context.Context) error {
-	if b.webhook.Alive() {
+	if b.webhook.Running(ctx) {
 		return nil
 	}
 	return b.webhook.Restart(ctx)
@@ -62,8 +63,8 @@ func (b *binaries) StartWebhook(ctx context.Context) error {
 
 func (b *binaries) StartApplier(ctx context.Context, settings ...string) error {
 	b.starts++
-	p, err := kdg.StartApplier(ctx, b.c, filepath.Join(b.bin, "kubediskguard-applier"), b.data,
-		b.applierLog(b.starts), append([]string{applierSettings}, settings...)...)
+	p, err := kdg.StartApplier(ctx, b.c, filepath.Join(b.bin, "kubediskguard-applier"), b.applierName(b.starts),
+		append([]string{applierSettings}, settings...)...)
 	if err != nil {
 		return err
 	}
@@ -71,50 +72,55 @@ func (b *binaries) StartApplier(ctx context.Context, settings ...string) error {
 	return nil
 }
 
-func (b *binaries) StopApplier(_ context.Context, crash bool) error {
+func (b *binaries) StopApplier(ctx context.Context, crash bool) error {
 	if b.applier == nil {
 		return nil
 	}
 	if crash {
-		b.applier.Kill()
+		b.applier.Kill(ctx)
 	} else {
-		b.applier.Stop()
+		b.applier.Stop(ctx)
 	}
 	b.applier = nil
 	return nil
 }
 
 func (b *binaries) ApplierAsSetUp() bool {
-	return b.applier != nil && b.applier.Alive() && len(b.settings) == 0
+	return b.applier != nil && b.applier.Running(context.Background()) && len(b.settings) == 0
 }
 
-func (b *binaries) ApplierLog(context.Context) (string, error) {
+func (b *binaries) ApplierLog(ctx context.Context) (string, error) {
 	if b.starts == 0 {
 		return "", fmt.Errorf("the applier never started")
 	}
-	log, err := os.ReadFile(b.applierLog(b.starts))
+	log, err := b.c.Node.ReadFile(ctx, cluster.LogPath(b.c.Node, b.applierName(b.starts)))
 	return string(log), err
 }
 
-// applierLog is the log file of the applier's nth start.
-func (b *binaries) applierLog(n int) string {
-	return filepath.Join(b.dir, "logs", fmt.Sprintf("applier-%d.log", n))
-}
+// applierName names the applier's nth process on the node, and its log.
+func (b *binaries) applierName(n int) string { return fmt.Sprintf("applier-%d", n) }
 
 func (b *binaries) Close(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
 	if t.Failed() {
-		logs := []string{filepath.Join(b.dir, "logs", "webhook.log")}
+		names := []string{kdg.WebhookName}
 		if b.starts > 0 {
-			logs = append(logs, b.applierLog(b.starts))
+			names = append(names, b.applierName(b.starts))
 		}
-		for _, f := range logs {
-			t.Logf("%s:\n%s", filepath.Base(f), kdg.Tail(f, 30))
+		for _, n := range names {
+			log, err := b.c.Node.ReadFile(ctx, cluster.LogPath(b.c.Node, n))
+			if err != nil {
+				t.Logf("%s's log: %v", n, err)
+				continue
+			}
+			t.Logf("%s's log:\n%s", n, tail(string(log), 30))
 		}
 	}
 	if b.applier != nil {
-		b.applier.Stop()
+		b.applier.Stop(ctx)
 	}
-	if b.webhook != nil {
-		b.webhook.Stop()
+	if b.webhook != nil && b.webhook.NodeProc != nil {
+		b.webhook.Stop(ctx)
 	}
 }

@@ -3,10 +3,8 @@ package e2e
 import (
 	"context"
 	"fmt"
-	"os"
 	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -23,7 +21,7 @@ import (
 const applierCatchUp = 4 * time.Second
 
 // testContainerRestart: the main process of Throttle's db container is
-// SIGKILLed from the host, its PID from containerd (`kubectl exec ... kill 1`
+// SIGKILLed on the node (not in the container), its PID from containerd (`kubectl exec ... kill 1`
 // would not do: from inside its PID namespace the kernel delivers to the
 // namespace's init only signals it handles, never SIGKILL, and the
 // container's sh handles none); the kubelet starts a new container, whose
@@ -35,15 +33,15 @@ func (e *env) testContainerRestart(t *testing.T) {
 	pod := e.pod(ctx, t, optedIn, "limited")
 	oldID := cluster.ContainerID(pod, container)
 	oldRestarts := restartCount(pod, container)
-	pid, err := e.taskPID(oldID)
+	pid, err := cluster.TaskPID(ctx, e.c.Node, oldID)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/cgroup", pid)); err != nil || !strings.Contains(string(b), oldID) {
+	if b, err := e.c.Node.ReadFile(ctx, fmt.Sprintf("/proc/%d/cgroup", pid)); err != nil || !strings.Contains(string(b), oldID) {
 		t.Fatalf("process %d is not in container %s's cgroup (%v): %s", pid, oldID, err, b)
 	}
 	killed := time.Now()
-	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+	if err := cluster.Signal(ctx, e.c.Node, pid, "KILL"); err != nil {
 		t.Fatalf("killing %s's process %d: %v", container, pid, err)
 	}
 	pod = e.waitRestarted(ctx, t, pod, container, oldID, oldRestarts)
@@ -148,8 +146,12 @@ func (e *env) testApplierCrash(t *testing.T) {
 		}
 		cases[i].pod = p
 		// With the applier down nothing has limited it yet.
-		if r, wr := iopsFiles(cluster.BlkioCgroup(p, cluster.ContainerID(p, w.container))); r != "" || wr != "" {
-			t.Errorf("%s %s limited with the applier down: read_iops_device %q write_iops_device %q", p.Name, w.container, r, wr)
+		dir, err := e.c.ContainerCgroup(p, w.container)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got, ok := e.iopsAre(ctx, dir, 0, 0); !ok {
+			t.Errorf("%s %s limited with the applier down: %s", p.Name, w.container, got)
 		}
 	}
 	t.Logf("%d pods Running with the applier down", len(cases))
@@ -182,21 +184,6 @@ func restartCount(pod *corev1.Pod, container string) int32 {
 		}
 	}
 	return -1
-}
-
-// taskPID is the host PID of the container's task (its main process), from
-// containerd.
-func (e *env) taskPID(id string) (int, error) {
-	out, err := e.c.Ctr("tasks", "ls")
-	if err != nil {
-		return 0, err
-	}
-	for _, line := range strings.Split(string(out), "\n") {
-		if f := strings.Fields(line); len(f) >= 2 && f[0] == id {
-			return strconv.Atoi(f[1])
-		}
-	}
-	return 0, fmt.Errorf("containerd has no task %s:\n%s", id, out)
 }
 
 // waitRestarted waits until the kubelet has started a new container for

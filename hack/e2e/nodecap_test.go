@@ -11,29 +11,30 @@ import (
 	"time"
 
 	"github.com/kubediskguard/kubediskguard/applier/cgroup"
-	"github.com/kubediskguard/kubediskguard/applier/device"
 	"github.com/kubediskguard/kubediskguard/hack/cluster"
 )
 
-// testDataTotalIOPS: DATA_TOTAL_IOPS on this node, whose block IO is cgroup
-// v1. The applier, restarted with DATA_TOTAL_IOPS=N, writes N for the data
-// disk on the kubepods cgroup the kubelet made, and logs at start that on
-// cgroup v1 this does not cap the pods below kubepods. That is measured here
-// too: the v1 blkio throttle is flat, so a pod below kubepods (free, not
-// limited itself) does far more than N. Restarted with DATA_TOTAL_IOPS=0,
-// it clears the cap and leaves the containers' own limits alone; restarted
-// without the setting, the default cap (3000) is back.
+// testDataTotalIOPS: DATA_TOTAL_IOPS on the node. The applier, restarted
+// with DATA_TOTAL_IOPS=N, writes N for the data disk on the kubepods cgroup
+// the kubelet made (the node's layout says where). What that cap does
+// depends on the cgroup version, and is measured with the free pod below
+// kubepods (not limited itself), while Throttle's other pods run too:
+//   - cgroup v1: the applier logs at start that the cap does not hold the
+//     pods below kubepods, and it does not: the v1 blkio throttle is flat, so
+//     the free pod does far more than N;
+//   - cgroup v2: the throttle is hierarchical, the applier logs no such
+//     notice, and the free pod stays within N.
 //
-// That the cap holds the pods together on cgroup v2 is proven on a v2
-// kernel in a VM: applier/cgroup's TestCgroupV2InVM.
+// Restarted with DATA_TOTAL_IOPS=0, it clears the cap and leaves the
+// containers' own limits alone; restarted without the setting, the default
+// cap (3000) is back.
 func (e *env) testDataTotalIOPS(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	t.Cleanup(func() { e.restoreApplier(t) })
-	devs, err := (&device.Resolver{}).DataDevices(e.data(), "")
-	if err != nil {
-		t.Fatal(err)
-	}
+	disk := e.c.Node.DataDisk()
+	layout := e.c.Node.Layout()
+	kubepods := layout.KubepodsCgroup()
 	restart := func(extra ...string) {
 		t.Helper()
 		if err := e.g.StopApplier(ctx, false); err != nil {
@@ -43,44 +44,61 @@ func (e *env) testDataTotalIOPS(t *testing.T) {
 			t.Fatalf("restarting the applier with %v: %v", extra, err)
 		}
 	}
-	// waitCap waits until kubepods's IOPS files limit every data device to
-	// iops (0: limit none of them) and returns when it saw them.
+	// waitCap waits until kubepods's IOPS limits of the data disk are
+	// iops for read and write (0: no IOPS limit on it) and returns when it
+	// saw them.
 	waitCap := func(iops uint64) time.Time {
 		t.Helper()
-		var r, w string
+		var got string
 		if err := cluster.Poll(ctx, "kubepods cap", 100*time.Millisecond, 5*time.Second, func() error {
-			if r, w = iopsFiles(kubepodsBlkio); !capIs(r, devs, iops) || !capIs(w, devs, iops) {
+			l, err := cluster.IOLimits(ctx, e.c.Node, kubepods)
+			if err != nil {
+				got = err.Error()
+				return err
+			}
+			got = cluster.FormatIOLimits(l)
+			if l[disk].ReadIOPS != iops || l[disk].WriteIOPS != iops {
 				return errors.New("not yet")
 			}
 			return nil
 		}); err != nil {
-			t.Fatalf("DATA_TOTAL_IOPS=%d: %s read_iops_device %q write_iops_device %q, want %d for %v (0: none) 5s after the applier was ready",
-				iops, kubepodsBlkio, r, w, iops, devs)
+			t.Fatalf("DATA_TOTAL_IOPS=%d: %s limits %s, want read and write IOPS %d on %s (0: none) 5s after the applier was ready",
+				iops, kubepods, got, iops, disk)
 		}
-		t.Logf("DATA_TOTAL_IOPS=%d: %s read_iops_device %q write_iops_device %q", iops, kubepodsBlkio, r, w)
+		t.Logf("DATA_TOTAL_IOPS=%d: %s limits %s", iops, kubepods, got)
 		return time.Now()
 	}
 
 	restart(fmt.Sprintf("DATA_TOTAL_IOPS=%d", totalIOPS))
 	since := waitCap(totalIOPS)
 	log := e.applierLog(ctx, t)
-	if n, ok := v1Notice(log); !ok {
+	n, noticed := v1Notice(log)
+	switch {
+	case layout.Cgroup == cgroup.V1 && !noticed:
 		t.Errorf("the applier did not log that on cgroup v1 DATA_TOTAL_IOPS does not cap the pods below kubepods; its log:\n%s", tail(log, 20))
-	} else if n.DataTotalIOPS != totalIOPS {
+	case layout.Cgroup == cgroup.V1 && n.DataTotalIOPS != totalIOPS:
 		t.Errorf("the applier's cgroup v1 notice names dataTotalIOPS %d, want %d: %s", n.DataTotalIOPS, totalIOPS, n.Msg)
-	} else {
+	case layout.Cgroup == cgroup.V1:
 		t.Logf("the applier logged: %s (dataTotalIOPS %d)", n.Msg, n.DataTotalIOPS)
+	case noticed:
+		t.Errorf("on cgroup %s the applier logs the cgroup v1 notice: %s", layout.Cgroup, n.Msg)
 	}
-	// What that notice says: a pod below kubepods alone does far more.
+	// What the notice says (or, on v2, that the cap holds): a pod below
+	// kubepods, not limited itself.
 	free := e.pod(ctx, t, notOptedIn, "free")
 	r, err := e.nextRun(ctx, free, "app", since)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Logf("%s/free app with kubepods capped at %d: read %.1f write %.1f IOPS", notOptedIn, totalIOPS, r.ReadIOPS, r.WriteIOPS)
-	if r.ReadIOPS < 2*totalIOPS || r.WriteIOPS < 2*totalIOPS {
-		t.Errorf("%s/free app: read %.1f write %.1f IOPS with kubepods capped at %d, want both above %d: the cap held a pod below kubepods on cgroup v1, contrary to what the applier logs and the README says",
-			notOptedIn, r.ReadIOPS, r.WriteIOPS, totalIOPS, 2*totalIOPS)
+	if layout.Cgroup == cgroup.V1 {
+		if r.ReadIOPS < 2*totalIOPS || r.WriteIOPS < 2*totalIOPS {
+			t.Errorf("%s/free app: read %.1f write %.1f IOPS with kubepods capped at %d, want both above %d: the cap held a pod below kubepods on cgroup v1, contrary to what the applier logs and the README says",
+				notOptedIn, r.ReadIOPS, r.WriteIOPS, totalIOPS, 2*totalIOPS)
+		}
+	} else if limit := totalIOPS * (1 + v2Overshoot); r.ReadIOPS > limit || r.WriteIOPS > limit {
+		t.Errorf("%s/free app: read %.1f write %.1f IOPS with kubepods capped at %d on cgroup %s, want both at most %.0f: the cap does not hold the pods below kubepods",
+			notOptedIn, r.ReadIOPS, r.WriteIOPS, totalIOPS, layout.Cgroup, limit)
 	}
 
 	restart("DATA_TOTAL_IOPS=0")
@@ -96,20 +114,9 @@ func (e *env) testDataTotalIOPS(t *testing.T) {
 	waitCap(3000)
 }
 
-// capIs reports whether a blkio throttle file's contents limit every one of
-// devs to iops, or, for iops 0, none of them.
-func capIs(content string, devs []device.Device, iops uint64) bool {
-	got, err := cgroup.ParseV1File(content)
-	if err != nil {
-		return false
-	}
-	for _, d := range devs {
-		if v, ok := got[d]; (iops == 0 && ok) || (iops != 0 && v != iops) {
-			return false
-		}
-	}
-	return true
-}
+// v2Overshoot is how far over a cgroup v2 limit the kernel admits IO (~3 %
+// measured in the VM; issue 9 allows 5 %).
+const v2Overshoot = 0.05
 
 // notice is a line of the applier's JSON log.
 type notice struct {

@@ -228,7 +228,7 @@ func Build(ctx context.Context, o Options) (b Built, err error) {
 
 // Import imports the saved images into a containerd: ctr runs ctr with
 // its arguments against that containerd's k8s.io namespace, the kubelet's,
-// as (*cluster.Cluster).Ctr and cluster.CtrAt do. containerd names them
+// as cluster.Node.Ctr and cluster.CtrAt do. containerd names them
 // docker.io/<Tag>, as the kubelet names an image without a registry.
 func (b Built) Import(ctr func(args ...string) ([]byte, error)) error {
 	for _, img := range b.images() {

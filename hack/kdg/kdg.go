@@ -1,6 +1,7 @@
-// Package kdg runs KubeDiskGuard's two built binaries against the local
-// cluster of hack/cluster as a deployment would configure them, and reads
-// fio's results from a pod's log. `make demo` (hack/demo) and the
+// Package kdg runs KubeDiskGuard's two built binaries on the node of the
+// local cluster of hack/cluster (through its cluster.Node, whatever the node
+// kind) as a deployment would configure them, runs other programs on this
+// host (Start: cert-manager), and reads fio's results from a pod's log. `make demo` (hack/demo) and the
 // end-to-end test (hack/e2e) share it.
 package kdg
 
@@ -8,14 +9,13 @@ import (
 	"bufio"
 	"bytes"
 	"context"
-	"crypto/rand"
 	"encoding/json"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
+	"path"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -76,22 +76,8 @@ func (p *Proc) ExitErr() error {
 	return nil
 }
 
-// Adopt makes p, read back from a file an earlier process wrote, stoppable.
-func Adopt(p *Proc) {
-	p.exited = make(chan struct{})
-	go func() {
-		for p.Alive() {
-			time.Sleep(100 * time.Millisecond)
-		}
-		close(p.exited)
-	}()
-}
-
 // Stop sends SIGTERM, then SIGKILL after 10 s, and waits for p to exit.
 func (p *Proc) Stop() { p.signal(syscall.SIGTERM, 10*time.Second) }
-
-// Kill sends SIGKILL and waits for p to exit.
-func (p *Proc) Kill() { p.signal(syscall.SIGKILL, 10*time.Second) }
 
 func (p *Proc) signal(sig syscall.Signal, grace time.Duration) {
 	if !p.Alive() {
@@ -109,88 +95,168 @@ func (p *Proc) signal(sig syscall.Signal, grace time.Duration) {
 // WaitReady polls http://probe/readyz until p answers 200.
 func (p *Proc) WaitReady(ctx context.Context, probe string) error {
 	httpc := &http.Client{Timeout: 2 * time.Second}
-	err := cluster.Poll(ctx, p.Name+" ready (/readyz)", 200*time.Millisecond, 60*time.Second, func() error {
+	return waitReady(ctx, p.Name, func() (int, []byte, error) {
 		resp, err := httpc.Get("http://" + probe + "/readyz")
-		if err == nil {
-			b, _ := io.ReadAll(resp.Body)
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return nil
-			}
-			err = fmt.Errorf("%d %s", resp.StatusCode, strings.TrimSpace(string(b)))
+		if err != nil {
+			return 0, nil, err
 		}
+		defer resp.Body.Close()
+		b, err := io.ReadAll(resp.Body)
+		return resp.StatusCode, b, err
+	}, func() bool {
 		select {
 		case <-p.exited:
-			return cluster.Final(fmt.Errorf("exited at start (%v)", err))
+			return true
 		default:
-			return err
+			return false
 		}
+	}, func() string { return Tail(p.Log, 20) })
+}
+
+// waitReady polls get (a GET of /readyz) until it answers 200, and fails
+// at once when exited says the process is gone, with the tail of its log.
+func waitReady(ctx context.Context, name string, get func() (int, []byte, error), exited func() bool, tail func() string) error {
+	err := cluster.Poll(ctx, name+" ready (/readyz)", 200*time.Millisecond, 60*time.Second, func() error {
+		status, b, err := get()
+		if err == nil {
+			if status == http.StatusOK {
+				return nil
+			}
+			err = fmt.Errorf("%d %s", status, strings.TrimSpace(string(b)))
+		}
+		if exited() {
+			return cluster.Final(fmt.Errorf("exited at start (%v)", err))
+		}
+		return err
 	})
 	if err != nil {
-		return fmt.Errorf("%w; its log:\n%s", err, Tail(p.Log, 20))
+		return fmt.Errorf("%w; its log:\n%s", err, tail())
 	}
 	return nil
 }
 
-// Webhook is a running kubediskguard-webhook.
-type Webhook struct {
-	*Proc
-	URL   string // of /mutate-v1-pod
-	CA    *pki.CA
-	bin   string
-	args  []string
-	probe string
+// NodeProc is one of KubeDiskGuard's binaries running on the cluster's node
+// (cluster.Node.Start); Down stops it if it still runs.
+type NodeProc struct {
+	Proc cluster.Proc // on the node: its PID is the node's (not embedded: Proc.Alive looks at this host)
+	Log  string       // on the node
+	node cluster.Node
 }
 
-// StartWebhook serves the webhook on a free local port with a certificate
-// for 127.0.0.1 signed by the cluster CA (written to certDir), and waits
-// until it is ready.
-func StartWebhook(ctx context.Context, c *cluster.Cluster, bin, certDir, logFile string) (*Webhook, error) {
+// StartOnNode starts spec on the cluster's node (its log is
+// cluster.LogPath(node, spec.Name)).
+func StartOnNode(ctx context.Context, c *cluster.Cluster, spec cluster.ProcSpec) (*NodeProc, error) {
+	p, err := c.Node.Start(ctx, spec)
+	if err != nil {
+		return nil, fmt.Errorf("starting %s on the node: %w", spec.Name, err)
+	}
+	return &NodeProc{Proc: p, Log: cluster.LogPath(c.Node, spec.Name), node: c.Node}, nil
+}
+
+// Running reports whether p still runs on its node.
+func (p *NodeProc) Running(ctx context.Context) bool { return cluster.ProcAlive(ctx, p.node, p.Proc) }
+
+// Stop sends SIGTERM, then SIGKILL after 10 s, and waits for p to exit.
+func (p *NodeProc) Stop(ctx context.Context) {
+	cluster.StopProc(ctx, p.node, p.Proc, false, 10*time.Second)
+}
+
+// Kill sends SIGKILL and waits for p to exit.
+func (p *NodeProc) Kill(ctx context.Context) {
+	cluster.StopProc(ctx, p.node, p.Proc, true, 10*time.Second)
+}
+
+// ReadLog is p's log so far.
+func (p *NodeProc) ReadLog(ctx context.Context) (string, error) {
+	b, err := p.node.ReadFile(ctx, p.Log)
+	return string(b), err
+}
+
+// Tail is the last n lines of p's log, indented.
+func (p *NodeProc) Tail(ctx context.Context, n int) string {
+	log, err := p.ReadLog(ctx)
+	if err != nil {
+		return "    (" + err.Error() + ")"
+	}
+	return tailLines(log, n)
+}
+
+// WaitReady polls http://127.0.0.1:port/readyz on the node until p answers
+// 200.
+func (p *NodeProc) WaitReady(ctx context.Context, port int) error {
+	return waitReady(ctx, p.Proc.Name, func() (int, []byte, error) { return p.node.HTTPGet(ctx, port, "/readyz") },
+		func() bool { return !p.Running(ctx) }, func() string { return p.Tail(ctx, 20) })
+}
+
+// Webhook is a running kubediskguard-webhook on the cluster's node.
+type Webhook struct {
+	*NodeProc
+	URL   string // of /mutate-v1-pod, as the apiserver reaches it
+	CA    *pki.CA
+	c     *cluster.Cluster
+	spec  cluster.ProcSpec
+	probe int // port of /readyz
+}
+
+// WebhookName is the name (and log name) of the webhook's process on the node.
+const WebhookName = "kubediskguard-webhook"
+
+// StartWebhook serves the webhook bin on the node on free loopback ports,
+// with a certificate for 127.0.0.1 signed by the cluster CA (in the node's
+// Dir/kdg/webhook-certs), and waits until it is ready.
+func StartWebhook(ctx context.Context, c *cluster.Cluster, bin string) (*Webhook, error) {
 	ca := c.CA()
 	serving, err := ca.Issue([]string{"127.0.0.1", "localhost"}, 24*time.Hour)
 	if err != nil {
 		return nil, err
 	}
-	if err := pki.WriteDir(certDir, serving, ca); err != nil {
-		return nil, err
+	certDir := path.Join(c.Node.Dir(), "kdg", "webhook-certs")
+	for _, f := range []struct {
+		name string
+		data []byte
+	}{{"tls.key", serving.KeyPEM}, {"tls.crt", serving.CertPEM}, {"ca.crt", ca.PEM}} {
+		if err := c.Node.WriteFile(ctx, path.Join(certDir, f.name), f.data, 0o600); err != nil {
+			return nil, err
+		}
 	}
-	ports, err := FreePorts(3)
+	ports, err := c.Node.FreePorts(ctx, 3)
 	if err != nil {
 		return nil, err
 	}
 	w := &Webhook{
 		URL:   fmt.Sprintf("https://127.0.0.1:%d/mutate-v1-pod", ports[0]),
 		CA:    ca,
-		bin:   bin,
-		probe: fmt.Sprintf("127.0.0.1:%d", ports[2]),
-		args: []string{
-			"--kubeconfig=" + c.Kubeconfig,
+		c:     c,
+		probe: ports[2],
+		spec: cluster.ProcSpec{Name: WebhookName, Bin: bin, Args: []string{
+			"--kubeconfig=" + c.Node.Kubeconfig(),
 			"--cert-dir=" + certDir,
 			fmt.Sprintf("--port=%d", ports[0]),
 			fmt.Sprintf("--metrics-bind-address=127.0.0.1:%d", ports[1]),
-		},
+			fmt.Sprintf("--health-probe-bind-address=127.0.0.1:%d", ports[2]),
+		}},
 	}
-	w.args = append(w.args, "--health-probe-bind-address="+w.probe)
-	w.Proc = &Proc{Log: logFile}
 	return w, w.Restart(ctx)
 }
 
 // Restart starts the webhook again, same ports and certificate, after it was
 // stopped or killed, and waits until it is ready.
 func (w *Webhook) Restart(ctx context.Context) error {
-	w.Proc.Stop()
-	p, err := Start(w.bin, w.Proc.Log, nil, w.args...)
+	if w.NodeProc != nil {
+		w.NodeProc.Stop(ctx)
+	}
+	p, err := StartOnNode(ctx, w.c, w.spec)
 	if err != nil {
 		return err
 	}
-	w.Proc = p
+	w.NodeProc = p
 	return p.WaitReady(ctx, w.probe)
 }
 
 // Register applies the MutatingWebhookConfiguration in manifest with its
 // clientConfig pointed at w (url + the cluster CA as caBundle: there is no
 // kube-proxy to reach a Service). The applied YAML is written to out.
-func (w *Webhook) Register(ctx context.Context, c *cluster.Cluster, manifest, out string) error {
+func (w *Webhook) Register(ctx context.Context, manifest, out string) error {
 	raw, err := os.ReadFile(manifest)
 	if err != nil {
 		return err
@@ -210,54 +276,36 @@ func (w *Webhook) Register(ctx context.Context, c *cluster.Cluster, manifest, ou
 	if err := os.WriteFile(out, b, 0o644); err != nil {
 		return err
 	}
-	_, err = c.Kubectl(ctx, "apply", "-f", out)
+	_, err = w.c.Kubectl(ctx, "apply", "-f", out)
 	return err
 }
 
-// StartApplier runs the applier as the DaemonSet would: this node, the
-// cluster's containerd, dataMount as DATA_MOUNT, plus env; and waits until
-// it is ready.
-func StartApplier(ctx context.Context, c *cluster.Cluster, bin, dataMount, logFile string, env ...string) (*Proc, error) {
-	ports, err := FreePorts(2)
+// StartApplier runs the applier bin on the node as the DaemonSet would:
+// this node, the node's containerd, the data disk's mount point as
+// DATA_MOUNT, plus env (KEY=VALUE, later ones win); name names the process
+// and its log. It waits until the applier is ready (its first full
+// reconcile has run).
+func StartApplier(ctx context.Context, c *cluster.Cluster, bin, name string, env ...string) (*NodeProc, error) {
+	ports, err := c.Node.FreePorts(ctx, 2)
 	if err != nil {
 		return nil, err
 	}
-	probe := fmt.Sprintf("127.0.0.1:%d", ports[1])
-	env = append(append(c.Env(), "DATA_MOUNT="+dataMount), env...)
-	p, err := Start(bin, logFile, env,
-		fmt.Sprintf("--metrics-bind-address=127.0.0.1:%d", ports[0]),
-		"--health-probe-bind-address="+probe)
+	p, err := StartOnNode(ctx, c, cluster.ProcSpec{
+		Name: name, Bin: bin,
+		Env: append(append(c.Env(), "DATA_MOUNT="+c.Node.DataDir()), env...),
+		Args: []string{
+			fmt.Sprintf("--metrics-bind-address=127.0.0.1:%d", ports[0]),
+			fmt.Sprintf("--health-probe-bind-address=127.0.0.1:%d", ports[1]),
+		},
+	})
 	if err != nil {
 		return nil, err
 	}
-	if err := p.WaitReady(ctx, probe); err != nil {
-		p.Stop()
+	if err := p.WaitReady(ctx, ports[1]); err != nil {
+		p.Stop(ctx)
 		return nil, err
 	}
 	return p, nil
-}
-
-// WriteDataFile writes mib MiB of random data to path and syncs it, from
-// this process: outside any throttled cgroup, and with real blocks (reads of
-// never-written extents would not reach the disk).
-func WriteDataFile(path string, mib int) error {
-	f, err := os.Create(path)
-	if err != nil {
-		return err
-	}
-	buf := make([]byte, 1<<20)
-	for i := 0; i < mib; i++ {
-		rand.Read(buf)
-		if _, err := f.Write(buf); err != nil {
-			f.Close()
-			return err
-		}
-	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
-	}
-	return f.Close()
 }
 
 // FioRun is one fio run a pod's container logged between "=== fio run N"
@@ -347,30 +395,15 @@ func NextRun(ctx context.Context, client kubernetes.Interface, pod *corev1.Pod, 
 	return run, err
 }
 
-// FreePorts returns n free local TCP ports.
-func FreePorts(n int) ([]int, error) {
-	var ports []int
-	var ls []net.Listener
-	defer func() {
-		for _, l := range ls {
-			l.Close()
-		}
-	}()
-	for range n {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			return nil, err
-		}
-		ls = append(ls, l)
-		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
-	}
-	return ports, nil
-}
-
 // Tail is the last n lines of file, indented.
 func Tail(file string, n int) string {
 	b, _ := os.ReadFile(file)
-	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
+	return tailLines(string(b), n)
+}
+
+// tailLines is the last n lines of s, indented.
+func tailLines(s string, n int) string {
+	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
 	if len(lines) > n {
 		lines = lines[len(lines)-n:]
 	}

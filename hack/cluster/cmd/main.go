@@ -21,7 +21,7 @@ import (
 
 func main() {
 	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: cluster up [-dir D] [-detach] [-smoke=false] | down [-dir D]")
+		fmt.Fprintln(os.Stderr, "usage: cluster up [-node host|v2] [-dir D] [-detach] [-smoke=false] [-pod-network] [-full] | down [-dir D]")
 		os.Exit(2)
 	}
 	fs := flag.NewFlagSet(os.Args[1], flag.ExitOnError)
@@ -30,6 +30,7 @@ func main() {
 	smoke := fs.Bool("smoke", true, "up: run a pod and kubectl exec in it once the node is Ready")
 	podNet := fs.Bool("pod-network", false, "up: a bridge CNI network, so pods need not be hostNetwork")
 	full := fs.Bool("full", false, "up: also kube-controller-manager, kube-scheduler, kube-proxy and ServiceAccount tokens (implies -pod-network)")
+	node := fs.String("node", "host", "up: the node kind: host (this machine: cgroup v1, cgroupfs, containerd 1.6) or v2 (a qemu VM: cgroup v2, systemd, containerd 2.x)")
 	fs.Parse(os.Args[2:])
 
 	switch os.Args[1] {
@@ -41,7 +42,12 @@ func main() {
 	case "up":
 		ctx, stopSignals := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 		defer stopSignals()
-		c, err := cluster.Up(ctx, cluster.Config{Dir: *dir, PodNetwork: *podNet, Full: *full})
+		kind, err := cluster.ParseNodeKind(*node)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "up:", err)
+			os.Exit(2)
+		}
+		c, err := cluster.Up(ctx, cluster.Config{Node: kind, Dir: *dir, PodNetwork: *podNet, Full: *full})
 		if err != nil {
 			fmt.Fprintln(os.Stderr, "up:", err)
 			os.Exit(1)

@@ -1,0 +1,197 @@
+package cluster
+
+import (
+	"context"
+	"reflect"
+	"strings"
+	"testing"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+
+	"github.com/kubediskguard/kubediskguard/applier/cgroup"
+	"github.com/kubediskguard/kubediskguard/applier/device"
+	"github.com/kubediskguard/kubediskguard/shared/limits"
+)
+
+var (
+	v1Cgroupfs = Layout{Cgroup: cgroup.V1, Driver: cgroup.Cgroupfs, Runtime: "containerd", RuntimeVersion: "1.6.20"}
+	v2Systemd  = Layout{Cgroup: cgroup.V2, Driver: cgroup.Systemd, Runtime: "containerd", RuntimeVersion: "2.4.2"}
+)
+
+func podWithQOS(uid string, qos corev1.PodQOSClass) *corev1.Pod {
+	return &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "ns", Name: "p", UID: types.UID(uid)},
+		Status:     corev1.PodStatus{QOSClass: qos},
+	}
+}
+
+func TestLayoutCgroupPaths(t *testing.T) {
+	const id = "0123abcd"
+	const uid, uid_ = "6c1c6a3e-2b7d-4e0b-9f57-3f0a5a1d2c4b", "6c1c6a3e_2b7d_4e0b_9f57_3f0a5a1d2c4b"
+	for name, tc := range map[string]struct {
+		layout    Layout
+		qos       corev1.PodQOSClass
+		pod       string
+		container string
+		kubepods  string
+	}{
+		"a BestEffort pod on cgroup v1 with cgroupfs is under kubepods/besteffort in the blkio hierarchy": {
+			v1Cgroupfs, corev1.PodQOSBestEffort,
+			"/sys/fs/cgroup/blkio/kubepods/besteffort/pod" + uid,
+			"/sys/fs/cgroup/blkio/kubepods/besteffort/pod" + uid + "/" + id,
+			"/sys/fs/cgroup/blkio/kubepods",
+		},
+		"a Burstable pod on cgroup v1 with cgroupfs is under kubepods/burstable": {
+			v1Cgroupfs, corev1.PodQOSBurstable,
+			"/sys/fs/cgroup/blkio/kubepods/burstable/pod" + uid,
+			"/sys/fs/cgroup/blkio/kubepods/burstable/pod" + uid + "/" + id,
+			"/sys/fs/cgroup/blkio/kubepods",
+		},
+		"a Guaranteed pod on cgroup v1 with cgroupfs sits directly under kubepods": {
+			v1Cgroupfs, corev1.PodQOSGuaranteed,
+			"/sys/fs/cgroup/blkio/kubepods/pod" + uid,
+			"/sys/fs/cgroup/blkio/kubepods/pod" + uid + "/" + id,
+			"/sys/fs/cgroup/blkio/kubepods",
+		},
+		"a BestEffort pod on cgroup v2 with systemd is a slice in kubepods-besteffort.slice, its container a cri-containerd scope": {
+			v2Systemd, corev1.PodQOSBestEffort,
+			"/sys/fs/cgroup/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod" + uid_ + ".slice",
+			"/sys/fs/cgroup/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod" + uid_ + ".slice/cri-containerd-" + id + ".scope",
+			"/sys/fs/cgroup/kubepods.slice",
+		},
+		"a Burstable pod on cgroup v2 with systemd is a slice in kubepods-burstable.slice": {
+			v2Systemd, corev1.PodQOSBurstable,
+			"/sys/fs/cgroup/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod" + uid_ + ".slice",
+			"/sys/fs/cgroup/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod" + uid_ + ".slice/cri-containerd-" + id + ".scope",
+			"/sys/fs/cgroup/kubepods.slice",
+		},
+		"a Guaranteed pod on cgroup v2 with systemd is a slice directly in kubepods.slice": {
+			v2Systemd, corev1.PodQOSGuaranteed,
+			"/sys/fs/cgroup/kubepods.slice/kubepods-pod" + uid_ + ".slice",
+			"/sys/fs/cgroup/kubepods.slice/kubepods-pod" + uid_ + ".slice/cri-containerd-" + id + ".scope",
+			"/sys/fs/cgroup/kubepods.slice",
+		},
+	} {
+		t.Run(name, func(t *testing.T) {
+			pod := podWithQOS(uid, tc.qos)
+			if got, err := tc.layout.PodCgroup(pod); err != nil || got != tc.pod {
+				t.Errorf("PodCgroup = %q, %v; want %q", got, err, tc.pod)
+			}
+			if got, err := tc.layout.ContainerCgroup(pod, id); err != nil || got != tc.container {
+				t.Errorf("ContainerCgroup = %q, %v; want %q", got, err, tc.container)
+			}
+			if got := tc.layout.KubepodsCgroup(); got != tc.kubepods {
+				t.Errorf("KubepodsCgroup = %q, want %q", got, tc.kubepods)
+			}
+		})
+	}
+}
+
+func TestLayoutCgroupPathErrors(t *testing.T) {
+	for name, tc := range map[string]struct {
+		layout Layout
+		pod    *corev1.Pod
+		id     string
+		want   string
+	}{
+		"a pod without a QoS class in its status is an error, not a guess": {
+			v1Cgroupfs, podWithQOS("u", ""), "abc", "QoS class",
+		},
+		"a pod without a UID is an error": {
+			v2Systemd, &corev1.Pod{Status: corev1.PodStatus{QOSClass: corev1.PodQOSBestEffort}}, "abc", "no UID",
+		},
+		"a container ID with a slash is an error": {
+			v1Cgroupfs, podWithQOS("u", corev1.PodQOSBestEffort), "../x", "container ID",
+		},
+		"an empty container ID is an error": {
+			v2Systemd, podWithQOS("u", corev1.PodQOSBestEffort), "", "container ID",
+		},
+	} {
+		t.Run(name, func(t *testing.T) {
+			got, err := tc.layout.ContainerCgroup(tc.pod, tc.id)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Errorf("ContainerCgroup = %q, %v; want an error saying %q", got, err, tc.want)
+			}
+		})
+	}
+}
+
+func TestParseIOLimits(t *testing.T) {
+	d70, d2540 := device.Device{Major: 7, Minor: 0}, device.Device{Major: 254, Minor: 0}
+	for name, tc := range map[string]struct {
+		layout Layout
+		files  map[string]string
+		want   map[device.Device]limits.Limits
+	}{
+		"cgroup v1's four blkio files become one limit set per device": {
+			v1Cgroupfs, map[string]string{
+				"blkio.throttle.read_iops_device":  "7:0 200\n254:0 50\n",
+				"blkio.throttle.write_iops_device": "7:0 100\n",
+				"blkio.throttle.read_bps_device":   "",
+				"blkio.throttle.write_bps_device":  "7:0 1048576\n",
+			},
+			map[device.Device]limits.Limits{
+				d70:   {ReadIOPS: 200, WriteIOPS: 100, WriteBPS: 1048576},
+				d2540: {ReadIOPS: 50},
+			},
+		},
+		"empty cgroup v1 files are no limits at all": {
+			v1Cgroupfs, map[string]string{}, map[device.Device]limits.Limits{},
+		},
+		"cgroup v2's io.max lines give the same limit sets, max being unlimited": {
+			v2Systemd, map[string]string{
+				"io.max": "7:0 rbps=max wbps=1048576 riops=200 wiops=100\n254:0 rbps=max wbps=max riops=50 wiops=max\n",
+			},
+			map[device.Device]limits.Limits{
+				d70:   {ReadIOPS: 200, WriteIOPS: 100, WriteBPS: 1048576},
+				d2540: {ReadIOPS: 50},
+			},
+		},
+		"an empty io.max is no limits at all": {
+			v2Systemd, map[string]string{"io.max": ""}, map[device.Device]limits.Limits{},
+		},
+	} {
+		t.Run(name, func(t *testing.T) {
+			got, err := ParseIOLimits(tc.layout, tc.files)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !reflect.DeepEqual(got, tc.want) {
+				t.Errorf("got %v, want %v", got, tc.want)
+			}
+		})
+	}
+	if _, err := ParseIOLimits(v1Cgroupfs, map[string]string{"blkio.throttle.read_iops_device": "7:0 lots"}); err == nil ||
+		!strings.Contains(err.Error(), "blkio.throttle.read_iops_device") {
+		t.Errorf("a bad v1 line: error %v, want one naming the file", err)
+	}
+}
+
+func TestLimitFiles(t *testing.T) {
+	if got, want := v1Cgroupfs.limitFiles(), []string{"blkio.throttle.read_iops_device", "blkio.throttle.write_iops_device",
+		"blkio.throttle.read_bps_device", "blkio.throttle.write_bps_device"}; !reflect.DeepEqual(got, want) {
+		t.Errorf("v1 limit files %v, want %v", got, want)
+	}
+	if got := v2Systemd.limitFiles(); !reflect.DeepEqual(got, []string{"io.max"}) {
+		t.Errorf("v2 limit files %v, want [io.max]", got)
+	}
+}
+
+func TestNodeKinds(t *testing.T) {
+	for in, want := range map[string]NodeKind{"": HostNode, "host": HostNode, "v2": V2Node} {
+		if got, err := ParseNodeKind(in); err != nil || got != want {
+			t.Errorf("ParseNodeKind(%q) = %q, %v; want %q", in, got, err, want)
+		}
+	}
+	if _, err := ParseNodeKind("v3"); err == nil {
+		t.Error("ParseNodeKind(v3) succeeded")
+	}
+	if _, registered := nodeKinds[V2Node]; !registered {
+		_, err := Up(context.Background(), Config{Node: V2Node, Dir: t.TempDir()})
+		if err == nil || !strings.Contains(err.Error(), "v2") || !strings.Contains(err.Error(), "not in this build") {
+			t.Errorf("Up on the unbuilt v2 node kind: %v; want an error saying it is not built yet", err)
+		}
+	}
+}

@@ -17,19 +17,27 @@ VM_DIR       ?= $(CACHE)/vm
 # cgroup v2 node's runtime, and the second containerd of the host's runtime tests
 CONTAINERD2_DIR ?= $(CACHE)/bin/containerd-$(shell awk '$$1 == "require" && $$2 == "github.com/containerd/containerd/v2" { print $$3 }' hack/tools/containerd/go.mod)
 
+# NODE: the node kind the local cluster runs on (make up, make demo, the
+# end-to-end tests): host (this machine: cgroup v1, cgroupfs, containerd 1.6)
+# or v2 (a qemu VM: cgroup v2, systemd, containerd 2.x)
+NODE         ?= host
+UP_DIR       ?= /var/tmp/kdg-up
+
 export KUBEBUILDER_ASSETS := $(TEST_BIN_DIR)
+export KDG_NODE := $(NODE)
 export KDG_VM_DIR := $(VM_DIR)
 export KDG_CONTAINERD2_DIR := $(CONTAINERD2_DIR)
 
-.PHONY: build test unit-test lint bench bench-load bench-applier test-bins vm-kernel host-deps fuzz demo clean
+.PHONY: build test unit-test lint bench bench-load bench-applier test-bins vm-kernel host-deps fuzz demo up down clean
 
 # Debian packages the real-component tests use: containerd and runc (the
 # containerd runtime tests), docker.io (dockerd, for the Docker runtime tests),
 # busybox-static (the containers' root filesystem), fio (IO measurements),
-# containernetworking-plugins (the local cluster's pod network), iptables
+# containernetworking-plugins (the local cluster's pod network), e2fsprogs
+# and mount (mkfs.ext4, losetup: the host node's loop-device data disk), iptables
 # (kube-proxy in the deployment test's cluster), iproute2 (its pod bridge).
 # make demo needs only the first set.
-DEMO_PACKAGES := containerd runc busybox-static fio containernetworking-plugins iproute2
+DEMO_PACKAGES := containerd runc busybox-static fio containernetworking-plugins iproute2 e2fsprogs mount
 HOST_PACKAGES := $(DEMO_PACKAGES) docker.io iptables
 # The pinned binaries make demo needs (a cluster without controller-manager,
 # scheduler or kube-proxy; no cert-manager); make test needs them all.
@@ -108,7 +116,26 @@ fuzz:
 ## opt in), kubectl annotate changes it live, the applier's Event; then a table.
 ## Leaves nothing running (see hack/demo/main.go)
 demo: demo-deps demo-bins build
-	$(GO) run ./hack/demo
+	$(GO) run ./hack/demo -node $(NODE)
+
+## up: a local cluster with KubeDiskGuard installed, left running, on NODE;
+## prints `export KUBECONFIG=…` and `export KDG_DATA_DIR=…` on stdout (so
+## `eval "$$(make up)"` works; everything else goes to stderr) and what to try
+up:
+	@$(MAKE) --no-print-directory up-deps up-bins build >&2
+	@$(GO) run ./hack/up up -node $(NODE) -dir $(UP_DIR)
+
+## down: stop what make up started and restore the host (also after a crash)
+down:
+	@$(GO) run ./hack/up down -dir $(UP_DIR)
+
+## up-deps, up-bins: only what make up needs (the demo's, plus the
+## scheduler, controller-manager and kube-proxy of a Full cluster)
+.PHONY: up-deps up-bins
+up-deps:
+	@$(MAKE) --no-print-directory apt-install PACKAGES="$(DEMO_PACKAGES) iptables"
+up-bins:
+	KUBE_VERSION=$(KUBE_VERSION) ETCD_VERSION=$(ETCD_VERSION) bash hack/test-bins.sh $(TEST_BIN_DIR) $(DEMO_BINS) kube-controller-manager kube-scheduler kube-proxy
 
 clean:
 	rm -rf $(BIN)

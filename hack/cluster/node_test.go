@@ -195,3 +195,18 @@ func TestNodeKinds(t *testing.T) {
 		}
 	}
 }
+
+func TestServerVersion(t *testing.T) {
+	for name, tc := range map[string]struct{ out, want string }{
+		"the server's version is read from ctr version, not the client's": {
+			"Client:\n  Version:  1.7.0\n  Revision: x\n  Go version: go1.19\n\nServer:\n  Version:  1.6.20~ds1\n  Revision: 1.6.20~ds1-1+b1\n  UUID: u\n", "1.6.20~ds1",
+		},
+		"output without a server part is unknown": {"Client:\n  Version:  1.7.0\n", "unknown"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			if got := serverVersion(tc.out); got != tc.want {
+				t.Errorf("serverVersion = %q, want %q", got, tc.want)
+			}
+		})
+	}
+}

@@ -96,6 +96,11 @@ func up(ctx context.Context, dir string, kind cluster.NodeKind, binDir, manifest
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return err
 	}
+	defer func() {
+		if err != nil {
+			os.Remove(dir) // only if nothing was left in it
+		}
+	}()
 	c, err := cluster.Up(ctx, cluster.Config{Node: kind, Dir: clusterDir(dir), Full: true})
 	if err != nil {
 		return fmt.Errorf("starting the cluster: %w", err)

@@ -51,7 +51,15 @@ const (
 	repoRoot   = "../.."
 )
 
-// env is the package's cluster with KubeDiskGuard running on it.
+// env is the package's cluster with KubeDiskGuard running on it. A new
+// check is a method of env in a file of its own and one line in runChecks;
+// it makes pods with e.fioPod (or e.c.Pod), waits for limits with
+// e.waitCgroup / e.waitCgroupBy (or reads them with e.iopsAre,
+// cluster.IOLimits), measures with e.nextRun and checkRun, stops and starts
+// KubeDiskGuard through e.g (the guard), and asks e.c.Node for anything on
+// the node (e.data for the data disk, cluster.TaskPID and cluster.Signal for
+// container processes, Layout() for cgroup paths) — never the host's paths,
+// so that it runs on every node kind.
 type env struct {
 	c   *cluster.Cluster
 	dir string // on the host: the cluster's state dir, files given to kubectl

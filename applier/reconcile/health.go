@@ -60,11 +60,11 @@ func (r *Reconciler) Healthy() error {
 			case diskKey:
 				what = "resolving the data disk"
 			}
-			return fmt.Errorf("reconcile worker %d has been on %s for %s (more than %s): stuck", w, what, d.Round(time.Second), stall)
+			return fmt.Errorf("reconcile worker %d has been on %s for %s (more than %s): stuck", w, what, d.Round(time.Millisecond), stall)
 		}
 	}
 	if waiting > 0 && len(p.busy) == 0 && !p.lastDone.IsZero() && now.Sub(p.lastDone) > stall {
-		return fmt.Errorf("%d reconcile items wait and no worker has finished one for %s (more than %s): stopped", waiting, now.Sub(p.lastDone).Round(time.Second), stall)
+		return fmt.Errorf("%d reconcile items wait and no worker has finished one for %s (more than %s): stopped", waiting, now.Sub(p.lastDone).Round(time.Millisecond), stall)
 	}
 	return nil
 }

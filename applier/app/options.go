@@ -49,7 +49,8 @@ type ResetOptions struct {
 	// AllDevices clears the limits of every device, not only the data disk's.
 	AllDevices bool
 	// Wait keeps the command running after it has cleared, until it is
-	// stopped (the main container of a one-shot DaemonSet).
+	// stopped, with /readyz ready once it has (the container of a one-shot
+	// DaemonSet).
 	Wait bool
 }
 
@@ -75,7 +76,7 @@ func ParseOptions(args []string, lookupEnv func(string) (string, bool)) (*Option
 	fs := config.NewFlagSet(name)
 	if o.Reset.Run {
 		fs.BoolVar(&o.Reset.AllDevices, "all-devices", false, "clear the limits of every device below the kubepods cgroup, not only the data disk's (for a data disk that is no longer mounted)")
-		fs.BoolVar(&o.Reset.Wait, "wait", false, "after clearing, keep running until stopped (the main container of a one-shot DaemonSet)")
+		fs.BoolVar(&o.Reset.Wait, "wait", false, "after clearing, keep running until stopped, /readyz on --health-probe-bind-address ready once cleared (the container of a one-shot DaemonSet)")
 	}
 
 	fs.StringVar(&o.NodeName, "node-name", "", "the node this applier runs on; only its pods are watched (required)")

@@ -6,8 +6,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/http"
 	"os"
 	"slices"
+	"sync"
+	"sync/atomic"
 
 	logf "sigs.k8s.io/controller-runtime/pkg/log"
 
@@ -25,9 +28,37 @@ import (
 // Running it again finds nothing to clear. Stop the applier first, or it
 // writes the limits again.
 //
-// With o.Reset.Wait it then waits until ctx is done, and returns nil.
+// With o.Reset.Wait it serves /readyz on the health probe address, ready
+// once it has cleared, and then waits until ctx is done (the one container
+// of a one-shot DaemonSet, Ready once its node is clean).
 func Reset(ctx context.Context, o *Options, out io.Writer) error {
 	log := logf.FromContext(ctx)
+	if o.Reset.Wait {
+		var done atomic.Bool
+		var wg sync.WaitGroup
+		defer wg.Wait()
+		ctx, cancel := context.WithCancel(ctx)
+		defer cancel()
+		probes := *o
+		probes.MetricsBindAddress = "0" // nothing to measure
+		ready := func(*http.Request) error {
+			if !done.Load() {
+				return errors.New("the reset has not completed")
+			}
+			return nil
+		}
+		if err := serve(ctx, &wg, &probes, nil, ready, func(*http.Request) error { return nil }); err != nil {
+			return err
+		}
+		once := *o
+		once.Reset.Wait = false
+		if err := Reset(ctx, &once, out); err != nil {
+			return err
+		}
+		done.Store(true)
+		<-ctx.Done()
+		return nil
+	}
 	h, err := cgroup.Open(o.CgroupRoot, o.CgroupVersion)
 	if err != nil {
 		return fmt.Errorf("opening the cgroup hierarchy (--cgroup-root %q, --cgroup-version %v): %w", o.CgroupRoot, o.CgroupVersion, err)
@@ -58,9 +89,6 @@ func Reset(ctx context.Context, o *Options, out io.Writer) error {
 		fmt.Fprintf(out, "reset: cleared the limits on %s in %d of %d cgroups at and below kubepods (%s)\n", what, res.cleared, res.cgroups, h.Dir())
 	}
 	log.Info("reset done", "devices", what, "cgroups", res.cgroups, "cleared", res.cleared)
-	if o.Reset.Wait {
-		<-ctx.Done()
-	}
 	return nil
 }
 

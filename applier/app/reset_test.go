@@ -5,11 +5,14 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
+	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/kubediskguard/kubediskguard/applier/cgroup"
 	"github.com/kubediskguard/kubediskguard/applier/device"
@@ -285,5 +288,56 @@ func TestRealReset(t *testing.T) {
 		if got, _ := fake.Read(fake.Join(rel)); len(got) != 0 {
 			t.Errorf("%s after reset --all-devices: %v, want no limits", rel, got)
 		}
+	}
+}
+
+func TestResetWaitIsReadyOnceDone(t *testing.T) {
+	f := newFakeCgroups(t, cgroup.V2)
+	f.set(t, f.ctr, vda, limits.Limits{ReadIOPS: 100})
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := l.Addr().String()
+	l.Close()
+	o, err := ParseOptions([]string{"reset", "--wait", "--all-devices", "--health-probe-bind-address", addr,
+		"--cgroup-root", f.root, "--proc-root", f.proc}, func(string) (string, bool) { return "", false })
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	var out strings.Builder
+	go func() { done <- Reset(ctx, o, &out) }()
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		resp, err := http.Get("http://" + addr + "/readyz")
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				break
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("/readyz not ready within 5s: %v", err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if got := f.limit(t, f.ctr, vda); got != (limits.Limits{}) {
+		t.Errorf("ready, but %s still holds %v", f.ctr, got)
+	}
+	select {
+	case err := <-done:
+		t.Fatalf("reset --wait returned %v before it was stopped", err)
+	case <-time.After(100 * time.Millisecond):
+	}
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Errorf("reset --wait returned %v when stopped, want nil", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("reset --wait did not return within 10s of being stopped")
 	}
 }

@@ -225,6 +225,11 @@ patches:
                 env:
                   - name: CHECK_INTERVAL
                     value: "5"
+                  # The data directory is a bind mount of a directory on
+                  # the root disk (until hack/cluster gives the node a
+                  # data disk of its own).
+                  - name: DATA_ALLOW_ROOT_DISK
+                    value: "true"
             volumes:
               - name: containerd
                 hostPath:

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -20,9 +21,11 @@ import (
 // disk on the kubepods cgroup the kubelet made, and logs at start that on
 // cgroup v1 this does not cap the pods below kubepods. That is measured here
 // too: the v1 blkio throttle is flat, so a pod below kubepods (free, not
-// limited itself) does far more than N. Restarted with DATA_TOTAL_IOPS=0,
+// limited itself) does far more than N. It logs at start what the cap
+// covers (all pods, kube-system included). Restarted with DATA_TOTAL_IOPS=0,
 // it clears the cap and leaves the containers' own limits alone; restarted
-// without the setting, the default cap (3000) is back.
+// with the setting gone after a cap was set, the default (0: off) clears it
+// again.
 //
 // That the cap holds the pods together on cgroup v2 is proven on a v2
 // kernel in a VM: applier/cgroup's TestCgroupV2InVM.
@@ -30,10 +33,6 @@ func (e *env) testDataTotalIOPS(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	t.Cleanup(func() { e.restoreApplier(t) })
-	devs, err := (&device.Resolver{}).DataDevices(e.data(), "")
-	if err != nil {
-		t.Fatal(err)
-	}
 	restart := func(extra ...string) {
 		t.Helper()
 		if err := e.g.StopApplier(ctx, false); err != nil {
@@ -43,23 +42,7 @@ func (e *env) testDataTotalIOPS(t *testing.T) {
 			t.Fatalf("restarting the applier with %v: %v", extra, err)
 		}
 	}
-	// waitCap waits until kubepods's IOPS files limit every data device to
-	// iops (0: limit none of them) and returns when it saw them.
-	waitCap := func(iops uint64) time.Time {
-		t.Helper()
-		var r, w string
-		if err := cluster.Poll(ctx, "kubepods cap", 100*time.Millisecond, 5*time.Second, func() error {
-			if r, w = iopsFiles(kubepodsBlkio); !capIs(r, devs, iops) || !capIs(w, devs, iops) {
-				return errors.New("not yet")
-			}
-			return nil
-		}); err != nil {
-			t.Fatalf("DATA_TOTAL_IOPS=%d: %s read_iops_device %q write_iops_device %q, want %d for %v (0: none) 5s after the applier was ready",
-				iops, kubepodsBlkio, r, w, iops, devs)
-		}
-		t.Logf("DATA_TOTAL_IOPS=%d: %s read_iops_device %q write_iops_device %q", iops, kubepodsBlkio, r, w)
-		return time.Now()
-	}
+	waitCap := func(iops uint64) time.Time { t.Helper(); return e.waitNodeCap(ctx, t, iops) }
 
 	restart(fmt.Sprintf("DATA_TOTAL_IOPS=%d", totalIOPS))
 	since := waitCap(totalIOPS)
@@ -70,6 +53,9 @@ func (e *env) testDataTotalIOPS(t *testing.T) {
 		t.Errorf("the applier's cgroup v1 notice names dataTotalIOPS %d, want %d: %s", n.DataTotalIOPS, totalIOPS, n.Msg)
 	} else {
 		t.Logf("the applier logged: %s (dataTotalIOPS %d)", n.Msg, n.DataTotalIOPS)
+	}
+	if n, ok := findLog(log, "DATA_TOTAL_IOPS is set", "kube-system"); !ok || n.DataTotalIOPS != totalIOPS {
+		t.Errorf("the applier did not log at start that DATA_TOTAL_IOPS=%d caps all pods, kube-system included (found %v: %+v); its log:\n%s", totalIOPS, ok, n, tail(log, 20))
 	}
 	// What that notice says: a pod below kubepods alone does far more.
 	free := e.pod(ctx, t, notOptedIn, "free")
@@ -92,8 +78,43 @@ func (e *env) testDataTotalIOPS(t *testing.T) {
 	limited := e.pod(ctx, t, optedIn, "limited")
 	e.waitCgroupBy(ctx, t, time.Now(), limited, "db", dbRead, dbWrite)
 
+	// The default is off: a cap set before and the setting removed is cleared.
+	restart(fmt.Sprintf("DATA_TOTAL_IOPS=%d", totalIOPS))
+	waitCap(totalIOPS)
 	restart()
-	waitCap(3000)
+	waitCap(0)
+	if _, ok := findLog(e.applierLog(ctx, t), "DATA_TOTAL_IOPS is set"); ok {
+		t.Error("with DATA_TOTAL_IOPS at its default the applier logs that a cap is set")
+	}
+}
+
+// dataDevices are the devices the applier limits as the data disk.
+func (e *env) dataDevices(t *testing.T) []device.Device {
+	t.Helper()
+	devs, err := (&device.Resolver{}).DataDevices(e.data(), "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return devs
+}
+
+// waitNodeCap waits until kubepods's IOPS limits on every data device are
+// iops (0: none), 5 s at most, and returns when it saw them.
+func (e *env) waitNodeCap(ctx context.Context, t *testing.T, iops uint64) time.Time {
+	t.Helper()
+	devs := e.dataDevices(t)
+	var r, w string
+	if err := cluster.Poll(ctx, "kubepods cap", 100*time.Millisecond, 5*time.Second, func() error {
+		if r, w = iopsFiles(kubepodsBlkio); !capIs(r, devs, iops) || !capIs(w, devs, iops) {
+			return errors.New("not yet")
+		}
+		return nil
+	}); err != nil {
+		t.Fatalf("DATA_TOTAL_IOPS=%d: %s read_iops_device %q write_iops_device %q, want %d for %v (0: none) within 5s",
+			iops, kubepodsBlkio, r, w, iops, devs)
+	}
+	t.Logf("DATA_TOTAL_IOPS=%d: %s read_iops_device %q write_iops_device %q", iops, kubepodsBlkio, r, w)
+	return time.Now()
 }
 
 // capIs reports whether a blkio throttle file's contents limit every one of
@@ -120,6 +141,12 @@ type notice struct {
 // v1Notice finds, in the applier's log, its start-up notice that on cgroup
 // v1 DATA_TOTAL_IOPS does not cap the pods below kubepods.
 func v1Notice(log string) (notice, bool) {
+	return findLog(log, "cgroup v1", "DATA_TOTAL_IOPS", "not hierarchical")
+}
+
+// findLog finds the first line of the applier's JSON log whose message
+// holds all of words.
+func findLog(log string, words ...string) (notice, bool) {
 	sc := bufio.NewScanner(strings.NewReader(log))
 	sc.Buffer(make([]byte, 1<<20), 1<<20)
 	for sc.Scan() {
@@ -127,7 +154,7 @@ func v1Notice(log string) (notice, bool) {
 		if json.Unmarshal(sc.Bytes(), &n) != nil {
 			continue
 		}
-		if strings.Contains(n.Msg, "cgroup v1") && strings.Contains(n.Msg, "DATA_TOTAL_IOPS") && strings.Contains(n.Msg, "not hierarchical") {
+		if !slices.ContainsFunc(words, func(w string) bool { return !strings.Contains(n.Msg, w) }) {
 			return n, true
 		}
 	}

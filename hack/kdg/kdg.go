@@ -223,7 +223,7 @@ func StartApplier(ctx context.Context, c *cluster.Cluster, bin, dataMount, logFi
 		return nil, err
 	}
 	probe := fmt.Sprintf("127.0.0.1:%d", ports[1])
-	env = append(append(c.Env(), "DATA_MOUNT="+dataMount), env...)
+	env = applierEnv(c, dataMount, env)
 	p, err := Start(bin, logFile, env,
 		fmt.Sprintf("--metrics-bind-address=127.0.0.1:%d", ports[0]),
 		"--health-probe-bind-address="+probe)
@@ -235,6 +235,29 @@ func StartApplier(ctx context.Context, c *cluster.Cluster, bin, dataMount, logFi
 		return nil, err
 	}
 	return p, nil
+}
+
+// ResetNode runs `kubediskguard-applier reset` with the settings
+// StartApplier gives the applier (plus env), and returns what it printed.
+func ResetNode(ctx context.Context, c *cluster.Cluster, bin, dataMount string, env ...string) (string, error) {
+	cmd := exec.CommandContext(ctx, bin, "reset")
+	cmd.Env = append(os.Environ(), applierEnv(c, dataMount, env)...)
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		return string(out), fmt.Errorf("%s reset: %w\n%s", bin, err, out)
+	}
+	return string(out), nil
+}
+
+// applierEnv is the applier's environment on the cluster's node: its
+// settings, dataMount as DATA_MOUNT, then env.
+//
+// DATA_ALLOW_ROOT_DISK=true: the data directories of the demo and the
+// end-to-end tests are directories on the root disk (until hack/cluster
+// gives the node a data disk of its own), which the applier otherwise
+// waits for as not a data disk.
+func applierEnv(c *cluster.Cluster, dataMount string, env []string) []string {
+	return append(append(c.Env(), "DATA_MOUNT="+dataMount, "DATA_ALLOW_ROOT_DISK=true"), env...)
 }
 
 // WriteDataFile writes mib MiB of random data to path and syncs it, from

@@ -48,6 +48,9 @@ func TestDataDiskMountedLater(t *testing.T) {
 	})
 	_, body := httpGet("http://" + a.probe + "/readyz")
 	t.Logf("before the mount, /readyz: %s", strings.TrimSpace(body))
+	if code, body := httpGet("http://" + a.probe + "/healthz"); code != 200 {
+		t.Errorf("/healthz while waiting for the data disk: %d %s; waiting is not being stuck", code, body)
+	}
 	time.Sleep(300 * time.Millisecond)
 	if got, err := root.h.Read(c.dir); err != nil || len(got) != 0 {
 		t.Fatalf("with no data disk mounted the container's cgroup holds %v (%v), want no limits at all", got, err)

@@ -14,6 +14,7 @@ import (
 	"k8s.io/client-go/tools/record"
 
 	"github.com/kubediskguard/kubediskguard/applier/device"
+	"github.com/kubediskguard/kubediskguard/applier/runtime"
 	"github.com/kubediskguard/kubediskguard/shared/limits"
 )
 
@@ -72,6 +73,18 @@ func TestDataDiskChanges(t *testing.T) {
 	newWithDisk := func(t *testing.T, m *mountable) *fixture {
 		return newFixtureWith(t, 3000, "", func(c *Config) { c.Disk = m.resolve })
 	}
+	// limitedOnVda: a running container limited to l500 and the node cap
+	// on the data disk vda.
+	limitedOnVda := func(t *testing.T) (*mountable, *fixture, runtime.Container) {
+		m := &mountable{}
+		m.mount(vda)
+		f := newWithDisk(t, m)
+		f.pods.set(pod("u1", limits.Resolved{"app": l500}))
+		c := f.start("c1", "u1", "app", 10)
+		f.eventually(c.CgroupDir, l500)
+		f.eventually(f.h.Join("/kubepods"), cap3000)
+		return m, f, c
+	}
 
 	t.Run("limits nothing while there is no data disk, and says why it is not ready", func(t *testing.T) {
 		m := &mountable{}
@@ -117,13 +130,7 @@ func TestDataDiskChanges(t *testing.T) {
 	})
 
 	t.Run("moves every limit to the new disk when another disk is mounted", func(t *testing.T) {
-		m := &mountable{}
-		m.mount(vda)
-		f := newWithDisk(t, m)
-		f.pods.set(pod("u1", limits.Resolved{"app": l500}))
-		c := f.start("c1", "u1", "app", 10)
-		f.eventually(c.CgroupDir, l500)
-		f.eventually(f.h.Join("/kubepods"), cap3000)
+		m, f, c := limitedOnVda(t)
 		m.mount(vdb)
 		f.r.DiskChanged()
 		for _, w := range []struct {
@@ -139,13 +146,7 @@ func TestDataDiskChanges(t *testing.T) {
 	})
 
 	t.Run("clears every limit when the disk is unmounted, and is not ready", func(t *testing.T) {
-		m := &mountable{}
-		m.mount(vda)
-		f := newWithDisk(t, m)
-		f.pods.set(pod("u1", limits.Resolved{"app": l500}))
-		c := f.start("c1", "u1", "app", 10)
-		f.eventually(c.CgroupDir, l500)
-		f.eventually(f.h.Join("/kubepods"), cap3000)
+		m, f, c := limitedOnVda(t)
 		m.unmount()
 		f.r.DiskChanged()
 		f.eventually(c.CgroupDir, limits.Limits{})
@@ -160,12 +161,7 @@ func TestDataDiskChanges(t *testing.T) {
 	})
 
 	t.Run("finds a disk change at the periodic full pass without a mount notification", func(t *testing.T) {
-		m := &mountable{}
-		m.mount(vda)
-		f := newWithDisk(t, m)
-		f.pods.set(pod("u1", limits.Resolved{"app": l500}))
-		c := f.start("c1", "u1", "app", 10)
-		f.eventually(c.CgroupDir, l500)
+		m, f, c := limitedOnVda(t)
 		m.mount(vdb)
 		f.r.queue.Add(fullKey) // what CHECK_INTERVAL does
 		f.eventuallyOn(c.CgroupDir, vdb, l500)

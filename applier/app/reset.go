@@ -59,12 +59,9 @@ func Reset(ctx context.Context, o *Options, out io.Writer) error {
 		<-ctx.Done()
 		return nil
 	}
-	h, err := cgroup.Open(o.CgroupRoot, o.CgroupVersion)
+	h, err := openHierarchy(o)
 	if err != nil {
-		return fmt.Errorf("opening the cgroup hierarchy (--cgroup-root %q, --cgroup-version %v): %w", o.CgroupRoot, o.CgroupVersion, err)
-	}
-	if err := h.CheckNamespace(o.ProcRoot); err != nil {
-		return fmt.Errorf("checking the cgroup namespace (--proc-root %q): %w", o.ProcRoot, err)
+		return err
 	}
 	var only []device.Device // nil: every device
 	what := "every device"

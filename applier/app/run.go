@@ -55,12 +55,9 @@ func Run(ctx context.Context, o *Options, cfg *rest.Config) error {
 	if err != nil {
 		log.Info("no data disk yet: waiting for one to be mounted (not ready until then)", "dataMount", o.DataMount, "reason", err.Error())
 	}
-	h, err := cgroup.Open(o.CgroupRoot, o.CgroupVersion)
+	h, err := openHierarchy(o)
 	if err != nil {
-		return fmt.Errorf("opening the cgroup hierarchy (--cgroup-root %q, --cgroup-version %v): %w", o.CgroupRoot, o.CgroupVersion, err)
-	}
-	if err := h.CheckNamespace(o.ProcRoot); err != nil {
-		return fmt.Errorf("checking the cgroup namespace (--proc-root %q): %w", o.ProcRoot, err)
+		return err
 	}
 	if o.DataTotalIOPS > 0 {
 		log.Info("DATA_TOTAL_IOPS is set: it caps the read and write IOPS of all pods on this node together on the data disk — kube-system and namespaces that did not opt in included — on the kubepods cgroup", "dataTotalIOPS", o.DataTotalIOPS)
@@ -163,6 +160,19 @@ func Run(ctx context.Context, o *Options, cfg *rest.Config) error {
 	rec.Store(r)
 	r.Run(ctx)
 	return nil
+}
+
+// openHierarchy opens the cgroup hierarchy the settings name and checks
+// that the applier sees cgroup paths as the host does.
+func openHierarchy(o *Options) (*cgroup.Hierarchy, error) {
+	h, err := cgroup.Open(o.CgroupRoot, o.CgroupVersion)
+	if err != nil {
+		return nil, fmt.Errorf("opening the cgroup hierarchy (--cgroup-root %q, --cgroup-version %v): %w", o.CgroupRoot, o.CgroupVersion, err)
+	}
+	if err := h.CheckNamespace(o.ProcRoot); err != nil {
+		return nil, fmt.Errorf("checking the cgroup namespace (--proc-root %q): %w", o.ProcRoot, err)
+	}
+	return h, nil
 }
 
 // connectRuntime connects to the container runtime, retrying with backoff

@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path"
 	"path/filepath"
+	"reflect"
 	"slices"
 	"sort"
 	"strconv"
@@ -64,11 +65,13 @@ var wantRBAC = map[string][]rule{
 	webhookName: {
 		{"", "namespaces", "get"}, {"", "namespaces", "list"}, {"", "namespaces", "watch"},
 	},
-	// applier/pods: an informer over the node's pods (list, watch; lookups go
-	// to its store, never get). applier/kube's EventSink behind client-go's
-	// event recorder, which only creates events and patches repeats.
+	// applier/pods: an informer over the node's pods and one over the
+	// opted-in namespaces (list, watch; lookups go to their stores, never
+	// get). applier/kube's EventSink behind client-go's event recorder,
+	// which only creates events and patches repeats.
 	applierName: {
 		{"", "pods", "list"}, {"", "pods", "watch"},
+		{"", "namespaces", "list"}, {"", "namespaces", "watch"},
 		{"", "events", "create"}, {"", "events", "patch"},
 	},
 }
@@ -129,16 +132,19 @@ func decodeAll(s *runtime.Scheme, r io.Reader) ([]runtime.Object, error) {
 	}
 }
 
-// render runs the pinned kubectl's kustomize on this directory and decodes
-// every object.
-func render(t *testing.T) *objects {
+// render runs the pinned kubectl's kustomize on this directory (the base)
+// and decodes every object.
+func render(t *testing.T) *objects { return renderDir(t, ".") }
+
+// renderDir is render of the kustomization in dir.
+func renderDir(t *testing.T, dir string) *objects {
 	t.Helper()
 	kubectl := filepath.Join(realtest.KubeAssets(t, "kubectl"), "kubectl")
 	var stdout, stderr bytes.Buffer
-	cmd := exec.Command(kubectl, "kustomize", ".")
+	cmd := exec.Command(kubectl, "kustomize", dir)
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	if err := cmd.Run(); err != nil {
-		t.Fatalf("kubectl kustomize manifests/: %v\n%s", err, stderr.String())
+		t.Fatalf("kubectl kustomize manifests/%s: %v\n%s", dir, err, stderr.String())
 	}
 	objs, err := decodeAll(scheme(t), &stdout)
 	if err != nil {
@@ -235,23 +241,37 @@ func TestStrictDecodingRejectsUnknownFields(t *testing.T) {
 	}
 }
 
+// kustomizations are the directories users apply: the base, and the
+// one-shot reset of an uninstall.
+var kustomizations = []string{".", resetDir}
+
 func TestEveryManifestFileIsInTheKustomization(t *testing.T) {
-	b, err := os.ReadFile("kustomization.yaml")
-	if err != nil {
-		t.Fatal(err)
+	resources := map[string][]string{} // by directory
+	for _, dir := range kustomizations {
+		b, err := os.ReadFile(filepath.Join(dir, "kustomization.yaml"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var k struct {
+			Resources []string `json:"resources"`
+		}
+		if err := yaml.Unmarshal(b, &k); err != nil {
+			t.Fatal(err)
+		}
+		resources[dir] = k.Resources
 	}
-	var k struct {
-		Resources []string `json:"resources"`
-	}
-	if err := yaml.Unmarshal(b, &k); err != nil {
-		t.Fatal(err)
-	}
-	err = filepath.WalkDir(".", func(p string, d os.DirEntry, err error) error {
-		if err != nil || d.IsDir() || !strings.HasSuffix(p, ".yaml") || p == "kustomization.yaml" {
+	err := filepath.WalkDir(".", func(p string, d os.DirEntry, err error) error {
+		if err != nil || d.IsDir() || !strings.HasSuffix(p, ".yaml") || filepath.Base(p) == "kustomization.yaml" {
 			return err
 		}
-		if !slices.Contains(k.Resources, filepath.ToSlash(p)) {
-			t.Errorf("%s is not listed in kustomization.yaml: kubectl apply -k would leave it out", p)
+		// The file belongs to the kustomization of its own directory if it
+		// has one, else to the base's.
+		dir, rel := ".", p
+		if _, ok := resources[filepath.Dir(p)]; ok {
+			dir, rel = filepath.Dir(p), filepath.Base(p)
+		}
+		if !slices.Contains(resources[dir], filepath.ToSlash(rel)) {
+			t.Errorf("%s is not listed in %s: kubectl apply -k would leave it out", p, filepath.Join(dir, "kustomization.yaml"))
 		}
 		return nil
 	})
@@ -880,4 +900,100 @@ func sortRules(rs []rule) []rule {
 		return a.verb < b.verb
 	})
 	return slices.Compact(out)
+}
+
+// What manifests/reset deploys.
+const (
+	resetDir       = "reset"
+	resetNamespace = "kubediskguard-reset"
+	resetName      = "kubediskguard-reset" // DaemonSet
+)
+
+// TestTheResetDaemonSetClearsWhatTheApplierLimits: the one-shot reset of an
+// uninstall runs `kubediskguard-applier reset --wait` on every node, with
+// the applier's image and the applier DaemonSet's data disk settings and
+// host paths (so it clears the same devices in the same cgroups), Ready
+// only once done, and nothing the reset does not need: no runtime socket,
+// no API token, no writable mount but the cgroupfs. It lives in its own
+// namespace so that it can run after the base is deleted.
+func TestTheResetDaemonSetClearsWhatTheApplierLimits(t *testing.T) {
+	base, reset := render(t), renderDir(t, resetDir)
+	applierDS := one(t, "DaemonSet", base.daemonSets, applierName)
+	ac := container(t, "applier DaemonSet", &applierDS.Spec.Template.Spec)
+	applierOpts, err := applierapp.ParseOptions(ac.Args, lookupEnv(ac))
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	ns := one(t, "Namespace", reset.namespaces, resetNamespace)
+	if ns.Labels["pod-security.kubernetes.io/enforce"] != "privileged" {
+		t.Errorf("namespace %s: pod-security enforce %q, want privileged (host paths, privileged container)", ns.Name, ns.Labels["pod-security.kubernetes.io/enforce"])
+	}
+	for _, obj := range reset.namespaced {
+		if m := obj.(metav1.Object); m.GetNamespace() != resetNamespace {
+			t.Errorf("%s %s is in namespace %q, want %q", obj.GetObjectKind().GroupVersionKind().Kind, m.GetName(), m.GetNamespace(), resetNamespace)
+		}
+	}
+	if n := len(reset.namespaces) + len(reset.namespaced); n != 2 {
+		t.Errorf("%d objects, want 2 (the namespace and the DaemonSet)", n)
+	}
+	ds := one(t, "DaemonSet", reset.daemonSets, resetName)
+	spec := &ds.Spec.Template.Spec
+	if len(spec.InitContainers) != 0 {
+		t.Errorf("%d init containers, want none", len(spec.InitContainers))
+	}
+	c := container(t, "reset DaemonSet", spec)
+	opts, err := applierapp.ParseOptions(c.Args, lookupEnv(c))
+	if err != nil {
+		t.Fatalf("the reset would not start with the DaemonSet's args and env: %v", err)
+	}
+	if !opts.Reset.Run || !opts.Reset.Wait || opts.Reset.AllDevices {
+		t.Errorf("args %q: want `reset --wait` on the data disk only", c.Args)
+	}
+	if c.Image != ac.Image {
+		t.Errorf("image %q, want the applier's %q", c.Image, ac.Image)
+	}
+	if opts.DataSettings() != applierOpts.DataSettings() || opts.CgroupRoot != applierOpts.CgroupRoot || opts.CgroupVersion != applierOpts.CgroupVersion || opts.ProcRoot != applierOpts.ProcRoot {
+		t.Errorf("reset settings %+v cgroup %s %v proc %s; the applier's %+v cgroup %s %v proc %s",
+			opts.DataSettings(), opts.CgroupRoot, opts.CgroupVersion, opts.ProcRoot, applierOpts.DataSettings(), applierOpts.CgroupRoot, applierOpts.CgroupVersion, applierOpts.ProcRoot)
+	}
+	for _, p := range []struct{ what, reset, applier string }{
+		{"--cgroup-root", opts.CgroupRoot, applierOpts.CgroupRoot},
+		{"--proc-root", opts.ProcRoot, applierOpts.ProcRoot},
+		{"--data-mount", opts.DataMount, applierOpts.DataMount},
+	} {
+		host, m := hostPathOf(t, spec, c, p.reset)
+		want, am := hostPathOf(t, &applierDS.Spec.Template.Spec, ac, p.applier)
+		if host != want || m.ReadOnly != am.ReadOnly || !reflect.DeepEqual(m.MountPropagation, am.MountPropagation) {
+			t.Errorf("%s %s shows host %s (read-only %t, propagation %v); the applier's shows %s (read-only %t, propagation %v)",
+				p.what, p.reset, host, m.ReadOnly, m.MountPropagation, want, am.ReadOnly, am.MountPropagation)
+		}
+	}
+	if len(spec.Volumes) != 3 {
+		t.Errorf("%d volumes, want 3 (cgroupfs, /proc, data mount): the reset needs no runtime socket", len(spec.Volumes))
+	}
+	for _, vm := range c.VolumeMounts {
+		if !vm.ReadOnly && path.Clean(vm.MountPath) != path.Clean(opts.CgroupRoot) {
+			t.Errorf("mount %s at %s is read-write", vm.Name, vm.MountPath)
+		}
+	}
+	if spec.AutomountServiceAccountToken == nil || *spec.AutomountServiceAccountToken {
+		t.Error("the reset mounts a ServiceAccount token; it never talks to the API")
+	}
+	if spec.HostNetwork || spec.HostPID || spec.HostIPC {
+		t.Error("the reset shares a host namespace")
+	}
+	if sc, asc := c.SecurityContext, ac.SecurityContext; sc == nil || !firstBool(sc.Privileged) || !firstBool(sc.ReadOnlyRootFilesystem) || firstInt(sc.RunAsUser) != firstInt(asc.RunAsUser) {
+		t.Errorf("security context %+v: want privileged (the host's cgroup namespace), a read-only root, and the applier's user", sc)
+	}
+	p := c.ReadinessProbe
+	if p == nil || p.HTTPGet == nil || p.HTTPGet.Path != "/readyz" || containerPort(t, c, p.HTTPGet.Port) != addrPort(t, "--health-probe-bind-address", opts.HealthProbeAddress) {
+		t.Errorf("readiness probe %+v: want /readyz on --health-probe-bind-address %s (ready once the node is clean)", p, opts.HealthProbeAddress)
+	}
+	tolerateAll := slices.ContainsFunc(spec.Tolerations, func(tol corev1.Toleration) bool {
+		return tol.Operator == corev1.TolerationOpExists && tol.Key == "" && tol.Effect == ""
+	})
+	if !tolerateAll {
+		t.Errorf("tolerations %v: want one with operator Exists and no key: every node the applier ran on", spec.Tolerations)
+	}
 }

@@ -236,7 +236,7 @@ func TestContainerdReconnect(t *testing.T) {
 	}
 
 	before := run(t, d, dk, rootfs, pods[0], "app", nil, true)
-	a := startApplier(t, p, append(containerdArgs(d, "2"), "--data-mount", dk.dir)...)
+	a := startApplier(t, p, append(containerdArgs(d, "2"), "--data-mount", dk.dir, "--data-allow-root-disk")...) // a directory on the root disk
 	t.Logf("container started before the applier limited %s after the applier started", wait(before, 0, margin).Round(time.Millisecond))
 
 	d.Kill(t)

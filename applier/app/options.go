@@ -6,11 +6,13 @@ package app
 import (
 	"errors"
 	"fmt"
+	"path"
 	"slices"
 	"strings"
 	"time"
 
 	"github.com/kubediskguard/kubediskguard/applier/cgroup"
+	"github.com/kubediskguard/kubediskguard/applier/device"
 	"github.com/kubediskguard/kubediskguard/applier/runtime/connect"
 	"github.com/kubediskguard/kubediskguard/applier/runtime/containerd"
 	"github.com/kubediskguard/kubediskguard/shared/command"
@@ -26,6 +28,7 @@ type Options struct {
 
 	DataMount           string
 	DataDevices         string
+	DataAllowRootDisk   bool
 	DataTotalIOPS       uint64
 	ContainerRuntime    string
 	CgroupVersion       cgroup.Version
@@ -34,13 +37,47 @@ type Options struct {
 	CgroupRoot          string
 	ProcRoot            string
 	CheckInterval       time.Duration
+
+	// Reset is the reset subcommand: clear the limits instead of applying them.
+	Reset ResetOptions
 }
+
+// ResetOptions are the reset subcommand's own options.
+type ResetOptions struct {
+	// Run is true for `kubediskguard-applier reset`.
+	Run bool
+	// AllDevices clears the limits of every device, not only the data disk's.
+	AllDevices bool
+	// Wait keeps the command running after it has cleared, until it is
+	// stopped, with /readyz ready once it has (the container of a one-shot
+	// DaemonSet).
+	Wait bool
+}
+
+// DataSettings are the settings that say where the data disk is.
+func (o *Options) DataSettings() device.Settings {
+	return device.Settings{Mount: o.DataMount, Devices: o.DataDevices, AllowRootDisk: o.DataAllowRootDisk}
+}
+
+// NeedsCluster implements command.Clusterless: reset works on the node's
+// cgroup files only.
+func (o *Options) NeedsCluster() bool { return !o.Reset.Run }
 
 // ParseOptions reads the options from the command line and the environment
 // (lookupEnv is normally os.LookupEnv). A bad value is an error naming it.
+// A first argument "reset" is the reset subcommand, with the same settings
+// plus its own flags.
 func ParseOptions(args []string, lookupEnv func(string) (string, bool)) (*Options, error) {
-	o := &Options{DataTotalIOPS: 3000, ContainerRuntime: connect.Auto, CgroupVersion: cgroup.Auto, CheckInterval: 30 * time.Second}
-	fs := config.NewFlagSet("kubediskguard-applier")
+	o := &Options{ContainerRuntime: connect.Auto, CgroupVersion: cgroup.Auto, CheckInterval: 30 * time.Second}
+	name := "kubediskguard-applier"
+	if len(args) > 0 && args[0] == "reset" {
+		o.Reset.Run, args, name = true, args[1:], name+" reset"
+	}
+	fs := config.NewFlagSet(name)
+	if o.Reset.Run {
+		fs.BoolVar(&o.Reset.AllDevices, "all-devices", false, "clear the limits of every device below the kubepods cgroup, not only the data disk's (for a data disk that is no longer mounted)")
+		fs.BoolVar(&o.Reset.Wait, "wait", false, "after clearing, keep running until stopped, /readyz on --health-probe-bind-address ready once cleared (the container of a one-shot DaemonSet)")
+	}
 
 	fs.StringVar(&o.NodeName, "node-name", "", "the node this applier runs on; only its pods are watched (required)")
 	fs.Env("node-name", "NODE_NAME")
@@ -48,6 +85,8 @@ func ParseOptions(args []string, lookupEnv func(string) (string, bool)) (*Option
 	fs.Env("data-mount", "DATA_MOUNT")
 	fs.StringVar(&o.DataDevices, "data-devices", "", "devices to limit (/dev/nvme0n1,259:3); overrides --data-mount")
 	fs.Env("data-devices", "DATA_DEVICES")
+	fs.BoolVar(&o.DataAllowRootDisk, "data-allow-root-disk", false, "let --data-mount be any directory, also one on the root disk: the disk of the filesystem holding it is limited (default: it must be the mount point of a disk other than the root disk, waited for until it is)")
+	fs.Env("data-allow-root-disk", "DATA_ALLOW_ROOT_DISK")
 	fs.Var(value[uint64]{&o.DataTotalIOPS, limits.ParseIOPS}, "data-total-iops", "read and write IOPS cap of all pods together, on the kubepods cgroup (0: off)")
 	fs.Env("data-total-iops", "DATA_TOTAL_IOPS")
 	fs.Var(value[string]{&o.ContainerRuntime, oneOf(connect.Auto, connect.Containerd, connect.Docker)}, "container-runtime", "auto, containerd or docker")
@@ -72,7 +111,7 @@ func ParseOptions(args []string, lookupEnv func(string) (string, bool)) (*Option
 	}
 	o.CheckInterval = time.Duration(interval)
 	var errs []error
-	if strings.TrimSpace(o.NodeName) == "" {
+	if strings.TrimSpace(o.NodeName) == "" && !o.Reset.Run {
 		errs = append(errs, errors.New("--node-name / NODE_NAME is required (set it from the downward API: spec.nodeName)"))
 	}
 	if o.CheckInterval < time.Second {
@@ -80,6 +119,8 @@ func ParseOptions(args []string, lookupEnv func(string) (string, bool)) (*Option
 	}
 	if strings.TrimSpace(o.DataMount) == "" && strings.Trim(o.DataDevices, " ,") == "" {
 		errs = append(errs, errors.New("--data-mount / DATA_MOUNT or --data-devices / DATA_DEVICES must name the data disk"))
+	} else if !o.DataSettings().Explicit() && !path.IsAbs(o.DataMount) {
+		errs = append(errs, fmt.Errorf("invalid value %q for --data-mount / DATA_MOUNT: want an absolute path", o.DataMount))
 	}
 	if err := errors.Join(errs...); err != nil {
 		return nil, err

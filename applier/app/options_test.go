@@ -21,7 +21,7 @@ func TestParseOptions(t *testing.T) {
 			env: map[string]string{"NODE_NAME": "n1"},
 			check: func(t *testing.T, o *Options) {
 				want := Options{Common: command.Common{MetricsBindAddress: ":8080", HealthProbeAddress: ":8081"}, NodeName: "n1", DataMount: "/data",
-					DataTotalIOPS: 3000, ContainerRuntime: "auto", CgroupVersion: cgroup.Auto, ContainerdNamespace: "k8s.io",
+					DataTotalIOPS: 0, ContainerRuntime: "auto", CgroupVersion: cgroup.Auto, ContainerdNamespace: "k8s.io",
 					CgroupRoot: "/sys/fs/cgroup", ProcRoot: "/proc", CheckInterval: 30 * time.Second}
 				o.Log = want.Log
 				if !reflect.DeepEqual(*o, want) {
@@ -52,7 +52,44 @@ func TestParseOptions(t *testing.T) {
 			},
 		},
 		"requires the node name": {wantErr: "--node-name / NODE_NAME is required"},
-		"names a bad runtime":    {env: map[string]string{"NODE_NAME": "n", "CONTAINER_RUNTIME": "cri-o"}, wantErr: `invalid value "cri-o" for environment variable CONTAINER_RUNTIME: want one of auto, containerd, docker`},
+		"lets DATA_ALLOW_ROOT_DISK opt in to a data mount on the root disk": {
+			env: map[string]string{"NODE_NAME": "n", "DATA_ALLOW_ROOT_DISK": "true"},
+			check: func(t *testing.T, o *Options) {
+				if s := o.DataSettings(); !s.AllowRootDisk || s.Mount != "/data" || s.Devices != "" {
+					t.Errorf("data settings = %+v, want /data with the root disk allowed", s)
+				}
+			},
+		},
+		"names a bad DATA_ALLOW_ROOT_DISK": {
+			env: map[string]string{"NODE_NAME": "n", "DATA_ALLOW_ROOT_DISK": "maybe"}, wantErr: `invalid value "maybe" for environment variable DATA_ALLOW_ROOT_DISK`,
+		},
+		"rejects a relative data mount": {
+			env: map[string]string{"NODE_NAME": "n", "DATA_MOUNT": "data"}, wantErr: `invalid value "data" for --data-mount / DATA_MOUNT: want an absolute path`,
+		},
+		"parses the reset subcommand with the applier's settings and its own flags, without a node name": {
+			args: []string{"reset", "--all-devices", "--wait", "--cgroup-root=/host/cgroup"},
+			env:  map[string]string{"DATA_MOUNT": "/mnt/nvme", "PROC_ROOT": "/host/proc"},
+			check: func(t *testing.T, o *Options) {
+				if !o.Reset.Run || !o.Reset.AllDevices || !o.Reset.Wait || o.CgroupRoot != "/host/cgroup" || o.DataMount != "/mnt/nvme" || o.ProcRoot != "/host/proc" {
+					t.Errorf("options = %+v", *o)
+				}
+				if o.NeedsCluster() {
+					t.Error("reset needs the cluster; it must work on the node's files only")
+				}
+			},
+		},
+		"needs the cluster to apply limits": {
+			env: map[string]string{"NODE_NAME": "n"},
+			check: func(t *testing.T, o *Options) {
+				if o.Reset.Run || !o.NeedsCluster() {
+					t.Errorf("reset %+v, needs the cluster %t", o.Reset, o.NeedsCluster())
+				}
+			},
+		},
+		"knows the reset flags only in reset": {
+			args: []string{"--node-name=n", "--all-devices"}, wantErr: "flag provided but not defined: -all-devices",
+		},
+		"names a bad runtime": {env: map[string]string{"NODE_NAME": "n", "CONTAINER_RUNTIME": "cri-o"}, wantErr: `invalid value "cri-o" for environment variable CONTAINER_RUNTIME: want one of auto, containerd, docker`},
 		"names a bad cgroup version": {
 			args: []string{"--node-name=n", "--cgroup-version=v3"}, wantErr: `invalid value "v3" for flag -cgroup-version`,
 		},

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -16,6 +17,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/cache"
 	"k8s.io/client-go/tools/record"
 	logf "sigs.k8s.io/controller-runtime/pkg/log"
 
@@ -29,33 +31,45 @@ import (
 )
 
 // Run implements command.Options.
-func (o *Options) Run(ctx context.Context, cfg *rest.Config) error { return Run(ctx, o, cfg) }
+func (o *Options) Run(ctx context.Context, cfg *rest.Config) error {
+	if o.Reset.Run {
+		return Reset(ctx, o, os.Stdout)
+	}
+	return Run(ctx, o, cfg)
+}
 
 // Run applies limits until ctx is done. Bad settings (a data disk that does
-// not resolve, no block IO cgroup controller) fail at once; the runtime and
-// the API server are waited for and reconnected, never fatal.
+// not resolve, no block IO cgroup controller) fail at once; a data mount
+// with no data disk mounted yet is waited for (not ready, saying why); the
+// runtime and the API server are waited for and reconnected, never fatal.
+// Nothing is cleared when ctx ends: limits stay as they are while the
+// applier is replaced (`reset` clears them).
 func Run(ctx context.Context, o *Options, cfg *rest.Config) error {
 	log := logf.FromContext(ctx)
 	resolver := device.Resolver{ProcRoot: o.ProcRoot}
-	devices, err := resolver.DataDevices(o.DataMount, o.DataDevices)
+	settings := o.DataSettings()
+	disk, err := resolver.DataDisk(settings)
+	if err != nil && !errors.Is(err, device.ErrNoDataDisk) {
+		return fmt.Errorf("resolving the data disk (--data-mount %q, --data-devices %q, --data-allow-root-disk=%t): %w", o.DataMount, o.DataDevices, o.DataAllowRootDisk, err)
+	}
 	if err != nil {
-		return fmt.Errorf("resolving the data disk (--data-mount %q, --data-devices %q): %w", o.DataMount, o.DataDevices, err)
+		log.Info("no data disk yet: waiting for one to be mounted (not ready until then)", "dataMount", o.DataMount, "reason", err.Error())
 	}
-	h, err := cgroup.Open(o.CgroupRoot, o.CgroupVersion)
+	h, err := openHierarchy(o)
 	if err != nil {
-		return fmt.Errorf("opening the cgroup hierarchy (--cgroup-root %q, --cgroup-version %v): %w", o.CgroupRoot, o.CgroupVersion, err)
+		return err
 	}
-	if err := h.CheckNamespace(o.ProcRoot); err != nil {
-		return fmt.Errorf("checking the cgroup namespace (--proc-root %q): %w", o.ProcRoot, err)
-	}
-	if h.Version() == cgroup.V1 && o.DataTotalIOPS > 0 {
-		log.Info("cgroup v1: the kernel's blkio throttle is not hierarchical, so DATA_TOTAL_IOPS on the kubepods cgroup limits only processes directly in it, not the pods below; use cgroup v2 for a node-wide cap", "dataTotalIOPS", o.DataTotalIOPS)
+	if o.DataTotalIOPS > 0 {
+		log.Info("DATA_TOTAL_IOPS is set: it caps the read and write IOPS of all pods on this node together on the data disk — kube-system and namespaces that did not opt in included — on the kubepods cgroup", "dataTotalIOPS", o.DataTotalIOPS)
+		if h.Version() == cgroup.V1 {
+			log.Info("cgroup v1: the kernel's blkio throttle is not hierarchical, so DATA_TOTAL_IOPS on the kubepods cgroup limits only processes directly in it, not the pods below; use cgroup v2 for a node-wide cap", "dataTotalIOPS", o.DataTotalIOPS)
+		}
 	}
 	core, err := kube.NewCoreClient(cfg)
 	if err != nil {
 		return err
 	}
-	log.Info("starting kubediskguard-applier", "node", o.NodeName, "devices", fmt.Sprint(devices),
+	log.Info("starting kubediskguard-applier", "node", o.NodeName, "dataDisk", disk.String(),
 		"cgroupVersion", h.Version().String(), "cgroupRoot", o.CgroupRoot, "runtime", o.ContainerRuntime,
 		"dataTotalIOPS", o.DataTotalIOPS, "checkInterval", o.CheckInterval)
 
@@ -81,6 +95,12 @@ func Run(ctx context.Context, o *Options, cfg *rest.Config) error {
 		return err
 	}
 
+	namespaces := pods.NewOptedInNamespaces(core)
+	audit := &pods.Audit{
+		Pods: store, Namespaces: namespaces, Synced: []cache.InformerSynced{store.HasSynced, namespaces.HasSynced},
+		Recorder: recorder, Unstamped: metrics.UnstampedPods(), Log: log.WithName("audit"),
+	}
+
 	ready := func(*http.Request) error {
 		r := rec.Load()
 		switch {
@@ -88,19 +108,37 @@ func Run(ctx context.Context, o *Options, cfg *rest.Config) error {
 			return errors.New("the pod list has not synced")
 		case r == nil:
 			return errors.New("the container runtime has not answered")
-		case !r.Synced():
-			return errors.New("the first full reconcile has not completed")
 		}
-		return nil
+		return r.Ready()
+	}
+	healthy := func(*http.Request) error {
+		if r := rec.Load(); r != nil {
+			return r.Healthy()
+		}
+		return nil // waiting for the API server or the runtime is not being stuck
 	}
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	if err := serve(ctx, &wg, o, reg, ready); err != nil {
+	if err := serve(ctx, &wg, o, reg, ready, healthy); err != nil {
 		return err
 	}
 	wg.Go(func() { store.Run(ctx) })
+	wg.Go(func() { namespaces.Run(ctx) })
+	wg.Go(func() { audit.Run(ctx) })
+	if !settings.Explicit() {
+		wg.Go(func() {
+			err := resolver.WatchMounts(ctx, func() {
+				if r := rec.Load(); r != nil {
+					r.DiskChanged()
+				}
+			})
+			if err != nil {
+				log.Error(err, "not watching the mount table: a data disk mounted or unmounted later is seen at the next full reconcile only", "file", resolver.MountInfoFile())
+			}
+		})
+	}
 	if err := store.WaitForSync(ctx); err != nil {
 		return nil // stopped before the first list
 	}
@@ -111,7 +149,8 @@ func Run(ctx context.Context, o *Options, cfg *rest.Config) error {
 	}
 	defer rt.Close()
 	r := reconcile.New(reconcile.Config{
-		Runtime: rt, Cgroups: h, Devices: devices, ProcRoot: o.ProcRoot, Pods: store,
+		Runtime: rt, Cgroups: h, Disk: func() (device.DataDisk, error) { return resolver.DataDisk(settings) },
+		Node: o.NodeName, ProcRoot: o.ProcRoot, Pods: store,
 		Recorder: recorder, Metrics: metrics, TotalIOPS: o.DataTotalIOPS, Interval: o.CheckInterval,
 		Log: log.WithName("reconcile"),
 	})
@@ -121,6 +160,19 @@ func Run(ctx context.Context, o *Options, cfg *rest.Config) error {
 	rec.Store(r)
 	r.Run(ctx)
 	return nil
+}
+
+// openHierarchy opens the cgroup hierarchy the settings name and checks
+// that the applier sees cgroup paths as the host does.
+func openHierarchy(o *Options) (*cgroup.Hierarchy, error) {
+	h, err := cgroup.Open(o.CgroupRoot, o.CgroupVersion)
+	if err != nil {
+		return nil, fmt.Errorf("opening the cgroup hierarchy (--cgroup-root %q, --cgroup-version %v): %w", o.CgroupRoot, o.CgroupVersion, err)
+	}
+	if err := h.CheckNamespace(o.ProcRoot); err != nil {
+		return nil, fmt.Errorf("checking the cgroup namespace (--proc-root %q): %w", o.ProcRoot, err)
+	}
+	return h, nil
 }
 
 // connectRuntime connects to the container runtime, retrying with backoff
@@ -142,22 +194,26 @@ func connectRuntime(ctx context.Context, o *Options, h *cgroup.Hierarchy) (runti
 	return rt, err
 }
 
-// serve starts the metrics and health endpoints.
-func serve(ctx context.Context, wg *sync.WaitGroup, o *Options, reg *prometheus.Registry, ready func(*http.Request) error) error {
+// serve starts the metrics and health endpoints: /readyz answers what
+// ready says, /healthz what healthy says (503 with the reason, or ok).
+func serve(ctx context.Context, wg *sync.WaitGroup, o *Options, reg *prometheus.Registry, ready, healthy func(*http.Request) error) error {
 	servers := map[string]http.Handler{}
 	if o.MetricsBindAddress != "0" && o.MetricsBindAddress != "" {
 		servers[o.MetricsBindAddress] = promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg})
 	}
 	if o.HealthProbeAddress != "0" && o.HealthProbeAddress != "" {
 		mux := http.NewServeMux()
-		mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
-		mux.HandleFunc("/readyz", func(w http.ResponseWriter, req *http.Request) {
-			if err := ready(req); err != nil {
-				http.Error(w, err.Error(), http.StatusServiceUnavailable)
-				return
+		probe := func(check func(*http.Request) error) http.HandlerFunc {
+			return func(w http.ResponseWriter, req *http.Request) {
+				if err := check(req); err != nil {
+					http.Error(w, err.Error(), http.StatusServiceUnavailable)
+					return
+				}
+				fmt.Fprintln(w, "ok")
 			}
-			fmt.Fprintln(w, "ok")
-		})
+		}
+		mux.Handle("/healthz", probe(healthy))
+		mux.Handle("/readyz", probe(ready))
 		if metrics, ok := servers[o.HealthProbeAddress]; ok { // one address for both
 			mux.Handle("/metrics", metrics)
 		}

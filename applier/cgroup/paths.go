@@ -3,6 +3,7 @@ package cgroup
 import (
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path"
 	"path/filepath"
@@ -320,4 +321,38 @@ func (h *Hierarchy) FindKubepods() (string, error) {
 		return "", fmt.Errorf("no kubepods cgroup: none of %s exists: %w", strings.Join(probed, ", "), os.ErrNotExist)
 	}
 	return "", fmt.Errorf("several kubepods cgroups exist (%s): find it from a container's cgroup instead", strings.Join(found, ", "))
+}
+
+// KubepodsTree returns the kubepods cgroup directory of every layout of the
+// kubelet that exists (kubepods, kubepods.slice,
+// kubelet.slice/kubelet-kubepods.slice) and every cgroup below them — the
+// QoS classes, pods and containers — parents before children. No kubepods
+// cgroup at all is an error wrapping os.ErrNotExist.
+func (h *Hierarchy) KubepodsTree() ([]string, error) {
+	var dirs, probed []string
+	for _, l := range kubepodsLayouts() {
+		top := h.Join(l)
+		probed = append(probed, top)
+		if fi, err := os.Stat(top); err != nil || !fi.IsDir() {
+			continue
+		}
+		err := filepath.WalkDir(top, func(path string, d fs.DirEntry, err error) error {
+			switch {
+			case errors.Is(err, os.ErrNotExist):
+				return nil // removed while walking: a container that exited
+			case err != nil:
+				return err
+			case d.IsDir():
+				dirs = append(dirs, path)
+			}
+			return nil
+		})
+		if err != nil {
+			return dirs, fmt.Errorf("listing the cgroups below %s: %w", top, err)
+		}
+	}
+	if len(dirs) == 0 {
+		return nil, fmt.Errorf("no kubepods cgroup: none of %s exists: %w", strings.Join(probed, ", "), os.ErrNotExist)
+	}
+	return dirs, nil
 }

@@ -52,18 +52,13 @@ func orDefault(s, def string) string {
 	return s
 }
 
-// DataDevices returns the devices named by the DATA_DEVICES setting
-// (devices, a comma-separated list) or, when that is empty, the whole disk
-// holding the filesystem mounted at the DATA_MOUNT setting (mount).
+// DataDevices returns the devices named by devices (a DATA_DEVICES list)
+// or, when that is empty, the whole disk holding the filesystem at mount,
+// wherever that is: DataDisk with AllowRootDisk. Test tooling uses it to
+// find the disk a directory is on.
 func (r *Resolver) DataDevices(mount, devices string) ([]Device, error) {
-	if strings.Trim(devices, " ,") != "" {
-		return r.ForList(devices)
-	}
-	d, err := r.ForMount(mount)
-	if err != nil {
-		return nil, err
-	}
-	return []Device{d}, nil
+	d, err := r.DataDisk(Settings{Mount: mount, Devices: devices, AllowRootDisk: true})
+	return d.Devices, err
 }
 
 // ForList resolves a comma-separated list of device paths ("/dev/nvme0n1")
@@ -141,7 +136,8 @@ func (r *Resolver) ForMount(path string) (Device, error) {
 
 // Mount returns the mount holding path, from the mountinfo of the
 // resolver's process: the mount whose mount point is the path itself or its
-// nearest ancestor, and of stacked mounts on one mount point the last. The
+// nearest ancestor, and of stacked mounts on one mount point the last that
+// holds the filesystem stat(2) finds there. The
 // path must exist (it is looked up through <ProcRoot>/<PID>/root, so in
 // that process's mount namespace) and must not cross a symbolic link into
 // another mount.
@@ -159,12 +155,17 @@ func (r *Resolver) Mount(path string) (Mount, error) {
 	if err != nil {
 		return Mount{}, fmt.Errorf("finding the mount of %s: %w", path, err)
 	}
+	// Of stacked mounts on the nearest mount point, the one on top: the
+	// last that holds the filesystem stat sees there (mount order alone
+	// can mislead once mounts propagate between namespaces).
+	dev := FromRdev(uint64(st.Dev))
 	best := -1
 	for i, m := range mounts {
 		if !within(path, m.MountPoint) {
 			continue
 		}
-		if best < 0 || len(m.MountPoint) >= len(mounts[best].MountPoint) {
+		if best < 0 || len(m.MountPoint) > len(mounts[best].MountPoint) ||
+			len(m.MountPoint) == len(mounts[best].MountPoint) && (m.Device == dev || mounts[best].Device != dev) {
 			best = i
 		}
 	}
@@ -175,9 +176,9 @@ func (r *Resolver) Mount(path string) (Mount, error) {
 	// The filesystem stat reports must be the one mountinfo names, or the
 	// path leads elsewhere (a symbolic link, a mount hidden by another) and
 	// limiting m would limit the wrong disk.
-	if got := FromRdev(uint64(st.Dev)); got != m.Device && got.Major != 0 && m.Device.Major != 0 {
+	if dev != m.Device && dev.Major != 0 && m.Device.Major != 0 {
 		return Mount{}, fmt.Errorf("%s is on device %s, but the mount at %s (per %s) is device %s: is the path a symbolic link? use the real mount point",
-			path, got, m.MountPoint, info, m.Device)
+			path, dev, m.MountPoint, info, m.Device)
 	}
 	return m, nil
 }

@@ -23,6 +23,9 @@ const mountinfo = `22 27 0:21 / /proc rw,relatime - proc proc rw
 36 27 259:1 / /stacked rw - xfs /dev/nvme0n1p1 rw
 37 36 253:0 / /stacked rw - ext4 /dev/mapper/vg-data rw
 38 27 259:5 / /gone rw - ext4 /dev/nvme9n1 rw
+39 27 254:0 /var/tmp/data /bound rw - ext4 /dev/vda rw
+40 27 0:43 / /later rw - tmpfs tmpfs rw
+41 40 259:2 / /later rw - ext4 /dev/nvme0n1p2 rw
 `
 
 // fakeNode builds a fake /proc, /sys and /dev as on a real node, and a
@@ -85,6 +88,8 @@ func fakeNode(t *testing.T) *Resolver {
 		"/stacked":          {253, 0},
 		"/gone":             {259, 5},
 		"/symlink-to-data":  {259, 1}, // a symbolic link to /data
+		"/bound":            {254, 0}, // a bind mount of a directory of the root filesystem
+		"/later":            {259, 2}, // a disk mounted over a tmpfs
 	}
 	nodes := map[string]Device{
 		"nvme0n1":        {259, 0},

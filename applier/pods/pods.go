@@ -1,5 +1,7 @@
 // Package pods watches the pods bound to this node and keeps, for each, only
-// what the applier needs: its identity and its resolved limits annotation.
+// what the applier needs: its identity, phase and resolved limits
+// annotation; it watches the namespaces that opted in, and reports the
+// opted-in pods that have no resolved annotation (Audit).
 package pods
 
 import (
@@ -23,8 +25,9 @@ type Store struct {
 }
 
 // NewStore watches the pods whose spec.nodeName is nodeName. Each pod is cut
-// down to its name, namespace, UID and resolved limits annotation before it
-// is stored, which keeps the applier's memory small on busy nodes.
+// down to its name, namespace, UID, phase, deletion time and resolved limits
+// annotation before it is stored, which keeps the applier's memory small on
+// busy nodes.
 // core is a core/v1 REST client.
 func NewStore(core rest.Interface, nodeName string) *Store {
 	selector := fields.OneTermEqualSelector("spec.nodeName", nodeName).String()
@@ -47,7 +50,8 @@ func slim(obj any) (any, error) {
 	}
 	out := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{
 		Name: pod.Name, Namespace: pod.Namespace, UID: pod.UID, ResourceVersion: pod.ResourceVersion,
-	}}
+		DeletionTimestamp: pod.DeletionTimestamp,
+	}, Status: corev1.PodStatus{Phase: pod.Status.Phase}}
 	if v, ok := pod.Annotations[limits.ResolvedAnnotation]; ok {
 		out.Annotations = map[string]string{limits.ResolvedAnnotation: v}
 	}
@@ -103,4 +107,16 @@ func (s *Store) Pod(uid string) (pod *corev1.Pod, ok bool) {
 		return nil, false
 	}
 	return objs[0].(*corev1.Pod), true
+}
+
+// List returns the stored pods (cut down as NewStore says).
+func (s *Store) List() []*corev1.Pod {
+	objs := s.informer.GetStore().List()
+	out := make([]*corev1.Pod, 0, len(objs))
+	for _, o := range objs {
+		if p, ok := o.(*corev1.Pod); ok {
+			out = append(out, p)
+		}
+	}
+	return out
 }

@@ -11,9 +11,10 @@ import (
 
 // Metrics are the reconciler's Prometheus metrics. A nil *Metrics counts nothing.
 type Metrics struct {
-	applied, failed, disconnects prometheus.Counter
-	latency                      prometheus.Histogram
-	limit                        *prometheus.GaugeVec
+	applied, failed, disconnects, capFailed prometheus.Counter
+	latency                                 prometheus.Histogram
+	limit                                   *prometheus.GaugeVec
+	dataDevices, unstamped                  prometheus.Gauge
 }
 
 var containerLabels = []string{"namespace", "pod", "container"}
@@ -33,6 +34,18 @@ func NewMetrics(reg prometheus.Registerer) (*Metrics, error) {
 			Name: "kubediskguard_applier_runtime_disconnects_total",
 			Help: "Times the container runtime's event stream broke.",
 		}),
+		capFailed: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "kubediskguard_applier_node_cap_failures_total",
+			Help: "Failed attempts to write the node-wide IOPS cap (DATA_TOTAL_IOPS) on the kubepods cgroup.",
+		}),
+		dataDevices: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "kubediskguard_applier_data_devices",
+			Help: "Devices of the data disk being limited; 0 while the applier waits for the data disk (DATA_MOUNT not mounted, or on the root disk).",
+		}),
+		unstamped: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "kubediskguard_applier_unstamped_pods",
+			Help: "Pods on this node in namespaces that opted in (kubediskguard.io/enabled=true) without a kubediskguard.io/limits annotation: not limited.",
+		}),
 		latency: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:    "kubediskguard_applier_apply_latency_seconds",
 			Help:    "Time from a container's start event to its limits written.",
@@ -43,7 +56,7 @@ func NewMetrics(reg prometheus.Registerer) (*Metrics, error) {
 			Help: "Configured limit of a container per dimension (read-iops, write-iops in IO/s; read-bps, write-bps in bytes/s); 0 is unlimited.",
 		}, append(containerLabels[:3:3], "dimension")),
 	}
-	for _, c := range []prometheus.Collector{m.applied, m.failed, m.disconnects, m.latency, m.limit} {
+	for _, c := range []prometheus.Collector{m.applied, m.failed, m.disconnects, m.capFailed, m.dataDevices, m.unstamped, m.latency, m.limit} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}
@@ -60,6 +73,27 @@ func (m *Metrics) appliedInc() {
 func (m *Metrics) failedInc() {
 	if m != nil {
 		m.failed.Inc()
+	}
+}
+
+// UnstampedPods is the gauge of opted-in pods without resolved limits
+// (pods.Audit sets it); nil for a nil *Metrics.
+func (m *Metrics) UnstampedPods() prometheus.Gauge {
+	if m == nil {
+		return nil
+	}
+	return m.unstamped
+}
+
+func (m *Metrics) nodeCapFailed() {
+	if m != nil {
+		m.capFailed.Inc()
+	}
+}
+
+func (m *Metrics) setDataDevices(n int) {
+	if m != nil {
+		m.dataDevices.Set(float64(n))
 	}
 }
 
@@ -118,9 +152,10 @@ func (c *ioCollector) Collect(ch chan<- prometheus.Metric) {
 	for _, t := range c.r.containers {
 		list = append(list, *t)
 	}
+	devices := c.r.disk.Devices
 	c.r.mu.Unlock()
 	for _, t := range list {
-		stats, err := c.r.Cgroups.Stats(t.dir, c.r.Devices)
+		stats, err := c.r.Cgroups.Stats(t.dir, devices)
 		if err != nil {
 			continue // exited since; its series ends
 		}

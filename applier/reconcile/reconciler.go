@@ -1,8 +1,11 @@
 // Package reconcile keeps every container's cgroup IO limits equal to what
-// its pod's resolved annotation asks for. Desired state is the annotation,
-// actual state is the cgroup files; runtime events and pod changes make it
-// fast, a full pass at start, after every runtime reconnect and every
-// interval makes it correct after anything was missed.
+// its pod's resolved annotation asks for, on the data disk's devices.
+// Desired state is the annotation, actual state is the cgroup files; runtime
+// events, pod changes and mount changes make it fast, a full pass at start,
+// after every runtime reconnect and every interval makes it correct after
+// anything was missed. The data disk is resolved again at every full pass
+// and mount change: limits on devices that are no longer the data disk are
+// cleared.
 package reconcile
 
 import (
@@ -15,6 +18,7 @@ import (
 
 	"github.com/go-logr/logr"
 	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/client-go/tools/record"
 	"k8s.io/client-go/util/workqueue"
@@ -37,8 +41,13 @@ type Pods interface {
 type Config struct {
 	Runtime runtime.Runtime
 	Cgroups *cgroup.Hierarchy
-	// Devices are the data disk's devices, limited in every container.
-	Devices []device.Device
+	// Disk resolves the data disk, whose devices are limited in every
+	// container; an error (device.ErrNoDataDisk: not mounted yet) means
+	// there is none for now. It is called at every full reconcile and after
+	// DiskChanged.
+	Disk func() (device.DataDisk, error)
+	// Node is this node's name, for Events on the Node; "" records none.
+	Node string
 	// ProcRoot is the host's /proc, for the cgroup of a container's init process.
 	ProcRoot string
 	Pods     Pods
@@ -50,13 +59,24 @@ type Config struct {
 	TotalIOPS uint64
 	// Interval is the time between full reconciles.
 	Interval time.Duration
-	Log      logr.Logger
+	// StallAfter is how long one queue item (a container, a full pass) may
+	// take before Healthy reports the reconciler stuck; 0 is DefaultStall.
+	StallAfter time.Duration
+	Log        logr.Logger
 }
+
+// DefaultStall is how long one item of work may take before the reconciler
+// counts as stuck. An item is one container's cgroup files or one listing
+// of the runtime's containers: milliseconds, or seconds on a very busy node.
+const DefaultStall = 2 * time.Minute
 
 const (
 	// fullKey is the queue key of a full reconcile; container IDs never
 	// equal it.
 	fullKey = "*full*"
+	// diskKey is the queue key of resolving the data disk again after a
+	// mount change: many changes in a row are one item.
+	diskKey = "*disk*"
 	// workers is the number of containers reconciled at once.
 	workers = 2
 )
@@ -72,8 +92,14 @@ type Reconciler struct {
 	since      map[string]time.Time       // container ID → when its start event arrived
 	eventPID   map[string]int             // container ID → the PID its start event gave
 	invalid    map[string]string          // pod UID → annotation value already reported invalid
+	disk       device.DataDisk            // the data disk's devices now; none while waiting
+	diskErr    error                      // why there is no data disk, while waiting
+	diskKnown  bool                       // the disk was resolved at least once
+	retired    map[device.Device]bool     // devices that were the data disk: their limits are cleared
+	capErr     string                     // the node cap's last write error, reported once
 
-	synced atomic.Bool // a full reconcile has completed
+	synced   atomic.Bool // a full reconcile has completed
+	progress progress    // what the workers are doing, for Healthy
 }
 
 // tracked is a running Kubernetes container and where its cgroup is.
@@ -94,11 +120,40 @@ func New(cfg Config) *Reconciler {
 		since:      map[string]time.Time{},
 		eventPID:   map[string]int{},
 		invalid:    map[string]string{},
+		retired:    map[device.Device]bool{},
+		progress:   progress{busy: map[int]busyItem{}},
 	}
 }
 
-// Synced reports whether a full reconcile has completed, for /readyz.
+// Synced reports whether a full reconcile has completed.
 func (r *Reconciler) Synced() bool { return r.synced.Load() }
+
+// Ready says, for /readyz, why the reconciler is not ready yet: no full
+// reconcile has completed, or there is no data disk to limit (for example
+// DATA_MOUNT is not mounted yet). nil when it limits containers.
+func (r *Reconciler) Ready() error {
+	if !r.synced.Load() {
+		return errors.New("the first full reconcile has not completed")
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.diskErr != nil {
+		return fmt.Errorf("waiting for the data disk: %w", r.diskErr)
+	}
+	return nil
+}
+
+// DataDisk returns the data disk the reconciler limits now (no devices
+// while it waits for one).
+func (r *Reconciler) DataDisk() device.DataDisk {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.disk
+}
+
+// DiskChanged is called when the mount table changed: the data disk is
+// resolved again, and if it is another one, everything is reconciled.
+func (r *Reconciler) DiskChanged() { r.queue.Add(diskKey) }
 
 // PodChanged is called when a pod appears, its resolved limits change, or it
 // is deleted: its known containers are reconciled.
@@ -123,9 +178,9 @@ func (r *Reconciler) Run(ctx context.Context) {
 	wg.Go(func() {
 		wait.Until(func() { r.queue.Add(fullKey) }, r.Interval, ctx.Done())
 	})
-	for range workers {
+	for w := range workers {
 		wg.Go(func() {
-			for r.next(ctx) {
+			for r.next(ctx, w) {
 			}
 		})
 	}
@@ -189,17 +244,25 @@ func (r *Reconciler) handle(ev runtime.Event) {
 	}
 }
 
-// next works one queue item; false when the queue has shut down.
-func (r *Reconciler) next(ctx context.Context) bool {
+// next works one queue item as worker w; false when the queue has shut
+// down.
+func (r *Reconciler) next(ctx context.Context, w int) bool {
 	key, shutdown := r.queue.Get()
 	if shutdown {
 		return false
 	}
 	defer r.queue.Done(key)
+	r.progress.start(w, key)
+	defer r.progress.done(w)
 	var err error
-	if key == fullKey {
+	switch key {
+	case fullKey:
 		err = r.reconcileAll(ctx)
-	} else {
+	case diskKey:
+		if r.refreshDisk() {
+			r.queue.Add(fullKey)
+		}
+	default:
 		err = r.reconcileContainer(ctx, key)
 	}
 	if err != nil && ctx.Err() == nil {
@@ -211,9 +274,14 @@ func (r *Reconciler) next(ctx context.Context) bool {
 	return true
 }
 
-// reconcileAll lists the runtime's running containers, forgets those that
-// are gone, queues every one, and sets the node-wide cap.
+// reconcileAll resolves the data disk, lists the runtime's running
+// containers, forgets those that are gone, queues every one, and sets the
+// node-wide cap. A cap that cannot be written is reported (log, Event on
+// the Node, metric) and tried again at the next pass; it does not keep the
+// applier from being ready, since the containers' own limits do not depend
+// on it.
 func (r *Reconciler) reconcileAll(ctx context.Context) error {
+	r.refreshDisk()
 	list, err := r.Runtime.List(ctx)
 	if err != nil {
 		return fmt.Errorf("listing containers: %w", err)
@@ -237,32 +305,111 @@ func (r *Reconciler) reconcileAll(ctx context.Context) error {
 	for _, c := range list {
 		r.queue.Add(c.ID)
 	}
-	if err := r.applyNodeCap(); err != nil {
-		return err
-	}
+	r.applyNodeCap()
 	r.synced.Store(true)
 	return nil
 }
 
-// applyNodeCap writes TotalIOPS on the kubepods cgroup.
-func (r *Reconciler) applyNodeCap() error {
+// applyNodeCap writes TotalIOPS for the data disk on the kubepods cgroup,
+// and clears it from retired devices. A failure is reported, not returned.
+func (r *Reconciler) applyNodeCap() {
 	dir, err := r.kubepods()
 	if err != nil {
 		r.Log.V(1).Info("no kubepods cgroup yet; node-wide cap not set", "reason", err.Error())
-		return nil
+		return
 	}
+	disk, retired := r.devices()
 	l := limits.Limits{ReadIOPS: r.TotalIOPS, WriteIOPS: r.TotalIOPS}
-	changed, err := r.Cgroups.Apply(dir, r.Devices, l)
+	changed, err := r.apply(dir, disk.Devices, retired, l)
 	if err != nil {
-		return fmt.Errorf("setting the node-wide cap on %s: %w", dir, err)
+		r.Metrics.nodeCapFailed()
+		r.mu.Lock()
+		first := r.capErr != err.Error()
+		r.capErr = err.Error()
+		r.mu.Unlock()
+		if first {
+			r.Log.Error(err, "setting the node-wide IOPS cap (DATA_TOTAL_IOPS) failed; containers are still limited; retrying at every full pass", "cgroup", dir, "iops", r.TotalIOPS)
+			r.nodeEvent(corev1.EventTypeWarning, "NodeIOCapFailed", "setting DATA_TOTAL_IOPS=%d on %s for %s: %v", r.TotalIOPS, dir, disk, err)
+		}
+		return
 	}
+	r.mu.Lock()
+	recovered := r.capErr != ""
+	r.capErr = ""
+	r.mu.Unlock()
 	switch {
+	case recovered:
+		r.Log.Info("node-wide IOPS cap written again", "cgroup", dir, "iops", r.TotalIOPS, "devices", disk.String())
 	case changed && r.TotalIOPS == 0:
 		r.Log.Info("node-wide IOPS cap cleared (DATA_TOTAL_IOPS=0)", "cgroup", dir)
 	case changed:
-		r.Log.Info("node-wide IOPS cap set", "cgroup", dir, "iops", r.TotalIOPS)
+		r.Log.Info("node-wide IOPS cap set", "cgroup", dir, "iops", r.TotalIOPS, "devices", disk.String())
 	}
-	return nil
+}
+
+// apply sets l for devices on the cgroup dir and clears every limit of the
+// retired devices there.
+func (r *Reconciler) apply(dir string, devices, retired []device.Device, l limits.Limits) (bool, error) {
+	changed, err := r.Cgroups.Apply(dir, devices, l)
+	if err != nil || len(retired) == 0 {
+		return changed, err
+	}
+	cleared, err := r.Cgroups.Clear(dir, retired)
+	return changed || cleared, err
+}
+
+// devices returns the data disk now and the devices whose limits are
+// cleared because they no longer are the data disk.
+func (r *Reconciler) devices() (device.DataDisk, []device.Device) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	retired := make([]device.Device, 0, len(r.retired))
+	for d := range r.retired {
+		retired = append(retired, d)
+	}
+	return r.disk, retired
+}
+
+// refreshDisk resolves the data disk and reports whether it changed: a
+// device that stops being the data disk is retired (its limits are cleared
+// from every container and the kubepods cgroup from now on), one that
+// becomes it again is not. While there is no data disk, nothing is limited
+// and Ready says why.
+func (r *Reconciler) refreshDisk() (changed bool) {
+	d, err := r.Disk()
+	if err != nil {
+		d = device.DataDisk{}
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	sameErr := (err == nil) == (r.diskErr == nil) && (err == nil || err.Error() == r.diskErr.Error())
+	if r.diskKnown && sameErr && d.Equal(r.disk) {
+		return false
+	}
+	now := map[device.Device]bool{}
+	for _, dev := range d.Devices {
+		now[dev] = true
+		delete(r.retired, dev)
+	}
+	for _, dev := range r.disk.Devices {
+		if !now[dev] {
+			r.retired[dev] = true
+		}
+	}
+	was := r.disk
+	r.disk, r.diskErr, r.diskKnown = d, err, true
+	r.Metrics.setDataDevices(len(d.Devices))
+	switch {
+	case err != nil && len(was.Devices) > 0:
+		r.Log.Error(err, "the data disk is gone; clearing its limits and waiting for it", "was", was.String())
+	case err != nil:
+		r.Log.Info("waiting for the data disk; nothing is limited until it is there", "reason", err.Error())
+	case len(was.Devices) > 0:
+		r.Log.Info("the data disk changed; limiting the new devices and clearing the old ones", "devices", d.String(), "was", was.String())
+	default:
+		r.Log.Info("limiting the data disk", "devices", d.String())
+	}
+	return true
 }
 
 // kubepods finds the kubepods cgroup from a tracked container, or by probing.
@@ -325,14 +472,15 @@ func (r *Reconciler) reconcileContainer(ctx context.Context, id string) error {
 	if err != nil {
 		return nil // reported on the pod; keep what is there
 	}
-	changed, err := r.Cgroups.Apply(t.dir, r.Devices, want)
+	disk, retired := r.devices()
+	changed, err := r.apply(t.dir, disk.Devices, retired, want)
 	if errors.Is(err, cgroup.ErrCgroupGone) {
 		r.forget(id)
 		return nil
 	}
 	if err != nil {
 		r.Metrics.failedInc()
-		r.event(pod, corev1.EventTypeWarning, "IOLimitsFailed", "container %s: setting disk IO limits %s: %v", t.c.Name, want, err)
+		r.event(pod, corev1.EventTypeWarning, "IOLimitsFailed", "container %s: setting disk IO limits %s on %s: %v", t.c.Name, want, disk, err)
 		return fmt.Errorf("container %s of pod %s/%s: %w", t.c.Name, pod.Namespace, pod.Name, err)
 	}
 	r.Metrics.setLimit(t.c, want)
@@ -340,13 +488,16 @@ func (r *Reconciler) reconcileContainer(ctx context.Context, id string) error {
 	since, timed := r.since[id]
 	delete(r.since, id)
 	r.mu.Unlock()
-	if changed {
+	switch {
+	case changed && len(disk.Devices) == 0:
+		r.Log.Info("IO limits cleared from devices that are no longer the data disk", "pod", pod.Namespace+"/"+pod.Name, "container", t.c.Name, "devices", fmt.Sprint(retired), "cgroup", t.dir)
+	case changed:
 		if timed {
 			r.Metrics.observeLatency(time.Since(since))
 		}
 		r.Metrics.appliedInc()
-		r.Log.Info("IO limits applied", "pod", pod.Namespace+"/"+pod.Name, "container", t.c.Name, "limits", want.String(), "cgroup", t.dir)
-		r.event(pod, corev1.EventTypeNormal, "IOLimitsApplied", "container %s: disk IO limits %s", t.c.Name, want)
+		r.Log.Info("IO limits applied", "pod", pod.Namespace+"/"+pod.Name, "container", t.c.Name, "limits", want.String(), "devices", disk.String(), "cgroup", t.dir)
+		r.event(pod, corev1.EventTypeNormal, "IOLimitsApplied", "container %s: disk IO limits %s on %s", t.c.Name, want, disk)
 	}
 	return nil
 }
@@ -443,5 +594,15 @@ func (r *Reconciler) event(pod *corev1.Pod, kind, reason, format string, args ..
 		return
 	}
 	ref := &corev1.ObjectReference{Kind: "Pod", APIVersion: "v1", Namespace: pod.Namespace, Name: pod.Name, UID: pod.UID}
+	r.Recorder.Eventf(ref, kind, reason, format, args...)
+}
+
+// nodeEvent records an Event on this node, as the kubelet refers to it
+// (the node's name as its UID).
+func (r *Reconciler) nodeEvent(kind, reason, format string, args ...any) {
+	if r.Recorder == nil || r.Node == "" {
+		return
+	}
+	ref := &corev1.ObjectReference{Kind: "Node", APIVersion: "v1", Name: r.Node, UID: types.UID(r.Node)}
 	r.Recorder.Eventf(ref, kind, reason, format, args...)
 }

@@ -135,6 +135,12 @@ func newFixture(t *testing.T) *fixture { return newFixtureCap(t, 3000, "") }
 // newFixtureCap is newFixture with a node cap of totalIOPS and kubepods's
 // io.max holding kubepodsIOMax before the reconciler starts.
 func newFixtureCap(t *testing.T, totalIOPS uint64, kubepodsIOMax string) *fixture {
+	return newFixtureWith(t, totalIOPS, kubepodsIOMax, nil)
+}
+
+// newFixtureWith is newFixtureCap with the reconciler's Config changed by
+// configure (nil: as it is) before it starts.
+func newFixtureWith(t *testing.T, totalIOPS uint64, kubepodsIOMax string, configure func(*Config)) *fixture {
 	root := t.TempDir()
 	writeFile(t, filepath.Join(root, "cgroup.controllers"), "cpu io memory\n")
 	mkCgroup(t, filepath.Join(root, "kubepods"))
@@ -144,15 +150,24 @@ func newFixtureCap(t *testing.T, totalIOPS uint64, kubepodsIOMax string) *fixtur
 		t.Fatal(err)
 	}
 	f := &fixture{t: t, h: h, rt: newFakeRuntime(), pods: &fakePods{pods: map[string]*corev1.Pod{}}, rec: record.NewFakeRecorder(100)}
-	f.r = New(Config{
-		Runtime: f.rt, Cgroups: h, Devices: []device.Device{vda}, ProcRoot: t.TempDir(), Pods: f.pods,
+	cfg := Config{
+		Runtime: f.rt, Cgroups: h, Disk: fixedDisk(vda), ProcRoot: t.TempDir(), Pods: f.pods,
 		Recorder: f.rec, TotalIOPS: totalIOPS, Interval: time.Hour, Log: testr.New(t),
-	})
+	}
+	if configure != nil {
+		configure(&cfg)
+	}
+	f.r = New(cfg)
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { f.r.Run(ctx); close(done) }()
 	t.Cleanup(func() { cancel(); <-done })
 	return f
+}
+
+// fixedDisk is a data disk of devs that never changes.
+func fixedDisk(devs ...device.Device) func() (device.DataDisk, error) {
+	return func() (device.DataDisk, error) { return device.DataDisk{Devices: devs, Source: "/data"}, nil }
 }
 
 func mkCgroup(t *testing.T, dir string) {

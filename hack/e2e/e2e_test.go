@@ -107,6 +107,8 @@ func (e *env) runChecks(t *testing.T) {
 	t.Run("WebhookDown", e.testWebhookDown)
 	t.Run("ApplierCrashLosesNothing", e.testApplierCrash)
 	t.Run("DataTotalIOPS", e.testDataTotalIOPS)
+	t.Run("UnstampedPodReported", e.testUnstampedPod)
+	t.Run("ResetClearsEverything", e.testReset)
 }
 
 func setUp(t *testing.T) *env {

@@ -29,6 +29,9 @@ type guard interface {
 	ApplierAsSetUp() bool
 	// ApplierLog is the running applier's log so far.
 	ApplierLog(ctx context.Context) (string, error)
+	// ResetNode runs `kubediskguard-applier reset` on the node as an
+	// uninstall does (reset_test.go) and returns what it printed.
+	ResetNode(ctx context.Context) (string, error)
 	// Close stops what the guard started (logging what it has if t failed).
 	Close(t *testing.T)
 }
@@ -46,7 +49,7 @@ type binaries struct {
 }
 
 // applierSettings is how the applier binary runs unless a test says
-// otherwise (DATA_TOTAL_IOPS at its default, 3000).
+// otherwise (DATA_TOTAL_IOPS at its default, 0: no node cap).
 const applierSettings = "CHECK_INTERVAL=5"
 
 func (b *binaries) StopWebhook(ctx context.Context) error {

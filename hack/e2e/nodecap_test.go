@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -16,9 +17,10 @@ import (
 
 // testDataTotalIOPS: DATA_TOTAL_IOPS on the node. The applier, restarted
 // with DATA_TOTAL_IOPS=N, writes N for the data disk on the kubepods cgroup
-// the kubelet made (the node's layout says where). What that cap does
-// depends on the cgroup version, and is measured with the free pod below
-// kubepods (not limited itself), while Throttle's other pods run too:
+// the kubelet made (the node's layout says where), and logs at start what the
+// cap covers (all pods, kube-system included). What that cap does depends on
+// the cgroup version, and is measured with the free pod below kubepods (not
+// limited itself), while Throttle's other pods run too:
 //   - cgroup v1: the applier logs at start that the cap does not hold the
 //     pods below kubepods, and it does not: the v1 blkio throttle is flat, so
 //     the free pod does far more than N;
@@ -26,15 +28,13 @@ import (
 //     notice, and the free pod stays within N.
 //
 // Restarted with DATA_TOTAL_IOPS=0, it clears the cap and leaves the
-// containers' own limits alone; restarted without the setting, the default
-// cap (3000) is back.
+// containers' own limits alone; restarted with the setting gone after a cap
+// was set, the default (0: off) clears it again.
 func (e *env) testDataTotalIOPS(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	t.Cleanup(func() { e.restoreApplier(t) })
-	disk := e.c.Node.DataDisk()
 	layout := e.c.Node.Layout()
-	kubepods := layout.KubepodsCgroup()
 	restart := func(extra ...string) {
 		t.Helper()
 		if err := e.g.StopApplier(ctx, false); err != nil {
@@ -44,30 +44,7 @@ func (e *env) testDataTotalIOPS(t *testing.T) {
 			t.Fatalf("restarting the applier with %v: %v", extra, err)
 		}
 	}
-	// waitCap waits until kubepods's IOPS limits of the data disk are
-	// iops for read and write (0: no IOPS limit on it) and returns when it
-	// saw them.
-	waitCap := func(iops uint64) time.Time {
-		t.Helper()
-		var got string
-		if err := cluster.Poll(ctx, "kubepods cap", 100*time.Millisecond, 5*time.Second, func() error {
-			l, err := cluster.IOLimits(ctx, e.c.Node, kubepods)
-			if err != nil {
-				got = err.Error()
-				return err
-			}
-			got = cluster.FormatIOLimits(l)
-			if l[disk].ReadIOPS != iops || l[disk].WriteIOPS != iops {
-				return errors.New("not yet")
-			}
-			return nil
-		}); err != nil {
-			t.Fatalf("DATA_TOTAL_IOPS=%d: %s limits %s, want read and write IOPS %d on %s (0: none) 5s after the applier was ready",
-				iops, kubepods, got, iops, disk)
-		}
-		t.Logf("DATA_TOTAL_IOPS=%d: %s limits %s", iops, kubepods, got)
-		return time.Now()
-	}
+	waitCap := func(iops uint64) time.Time { t.Helper(); return e.waitNodeCap(ctx, t, iops) }
 
 	restart(fmt.Sprintf("DATA_TOTAL_IOPS=%d", totalIOPS))
 	since := waitCap(totalIOPS)
@@ -82,6 +59,9 @@ func (e *env) testDataTotalIOPS(t *testing.T) {
 		t.Logf("the applier logged: %s (dataTotalIOPS %d)", n.Msg, n.DataTotalIOPS)
 	case noticed:
 		t.Errorf("on cgroup %s the applier logs the cgroup v1 notice: %s", layout.Cgroup, n.Msg)
+	}
+	if n, ok := findLog(log, "DATA_TOTAL_IOPS is set", "kube-system"); !ok || n.DataTotalIOPS != totalIOPS {
+		t.Errorf("the applier did not log at start that DATA_TOTAL_IOPS=%d caps all pods, kube-system included (found %v: %+v); its log:\n%s", totalIOPS, ok, n, tail(log, 20))
 	}
 	// What the notice says (or, on v2, that the cap holds): a pod below
 	// kubepods, not limited itself.
@@ -110,8 +90,41 @@ func (e *env) testDataTotalIOPS(t *testing.T) {
 	limited := e.pod(ctx, t, optedIn, "limited")
 	e.waitCgroupBy(ctx, t, time.Now(), limited, "db", dbRead, dbWrite)
 
+	// The default is off: a cap set before and the setting removed is cleared.
+	restart(fmt.Sprintf("DATA_TOTAL_IOPS=%d", totalIOPS))
+	waitCap(totalIOPS)
 	restart()
-	waitCap(3000)
+	waitCap(0)
+	if _, ok := findLog(e.applierLog(ctx, t), "DATA_TOTAL_IOPS is set"); ok {
+		t.Error("with DATA_TOTAL_IOPS at its default the applier logs that a cap is set")
+	}
+}
+
+// waitNodeCap waits until the kubepods cgroup's IOPS limits of the data disk
+// are iops for read and write (0: no IOPS limit on it), 5 s at most, and
+// returns when it saw them.
+func (e *env) waitNodeCap(ctx context.Context, t *testing.T, iops uint64) time.Time {
+	t.Helper()
+	disk := e.c.Node.DataDisk()
+	kubepods := e.c.Node.Layout().KubepodsCgroup()
+	var got string
+	if err := cluster.Poll(ctx, "kubepods cap", 100*time.Millisecond, 5*time.Second, func() error {
+		l, err := cluster.IOLimits(ctx, e.c.Node, kubepods)
+		if err != nil {
+			got = err.Error()
+			return err
+		}
+		got = cluster.FormatIOLimits(l)
+		if l[disk].ReadIOPS != iops || l[disk].WriteIOPS != iops {
+			return errors.New("not yet")
+		}
+		return nil
+	}); err != nil {
+		t.Fatalf("DATA_TOTAL_IOPS=%d: %s limits %s, want read and write IOPS %d on %s (0: none) within 5s",
+			iops, kubepods, got, iops, disk)
+	}
+	t.Logf("DATA_TOTAL_IOPS=%d: %s limits %s", iops, kubepods, got)
+	return time.Now()
 }
 
 // v2Overshoot is how far over a cgroup v2 limit the kernel admits IO (~3 %
@@ -127,6 +140,12 @@ type notice struct {
 // v1Notice finds, in the applier's log, its start-up notice that on cgroup
 // v1 DATA_TOTAL_IOPS does not cap the pods below kubepods.
 func v1Notice(log string) (notice, bool) {
+	return findLog(log, "cgroup v1", "DATA_TOTAL_IOPS", "not hierarchical")
+}
+
+// findLog finds the first line of the applier's JSON log whose message
+// holds all of words.
+func findLog(log string, words ...string) (notice, bool) {
 	sc := bufio.NewScanner(strings.NewReader(log))
 	sc.Buffer(make([]byte, 1<<20), 1<<20)
 	for sc.Scan() {
@@ -134,7 +153,7 @@ func v1Notice(log string) (notice, bool) {
 		if json.Unmarshal(sc.Bytes(), &n) != nil {
 			continue
 		}
-		if strings.Contains(n.Msg, "cgroup v1") && strings.Contains(n.Msg, "DATA_TOTAL_IOPS") && strings.Contains(n.Msg, "not hierarchical") {
+		if !slices.ContainsFunc(words, func(w string) bool { return !strings.Contains(n.Msg, w) }) {
 			return n, true
 		}
 	}

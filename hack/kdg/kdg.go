@@ -292,7 +292,7 @@ func StartApplier(ctx context.Context, c *cluster.Cluster, bin, name string, env
 	}
 	p, err := StartOnNode(ctx, c, cluster.ProcSpec{
 		Name: name, Bin: bin,
-		Env: append(append(c.Env(), "DATA_MOUNT="+c.Node.DataDir()), env...),
+		Env: applierEnv(c, env),
 		Args: []string{
 			fmt.Sprintf("--metrics-bind-address=127.0.0.1:%d", ports[0]),
 			fmt.Sprintf("--health-probe-bind-address=127.0.0.1:%d", ports[1]),
@@ -306,6 +306,24 @@ func StartApplier(ctx context.Context, c *cluster.Cluster, bin, name string, env
 		return nil, err
 	}
 	return p, nil
+}
+
+// ResetNode runs `kubediskguard-applier reset` (bin) on the cluster's node
+// with the settings StartApplier gives the applier (plus env), and returns
+// what it printed.
+func ResetNode(ctx context.Context, c *cluster.Cluster, bin string, env ...string) (string, error) {
+	args := append(applierEnv(c, env), bin, "reset")
+	out, err := c.Node.Run(ctx, "env", args...)
+	if err != nil {
+		return string(out), fmt.Errorf("%s reset: %w", bin, err)
+	}
+	return string(out), nil
+}
+
+// applierEnv is the applier's environment on the cluster's node: its
+// settings, the node's data disk mount point as DATA_MOUNT, then env.
+func applierEnv(c *cluster.Cluster, env []string) []string {
+	return append(append(c.Env(), "DATA_MOUNT="+c.Node.DataDir()), env...)
 }
 
 // FioRun is one fio run a pod's container logged between "=== fio run N"

@@ -28,6 +28,13 @@ type Options interface {
 	Run(ctx context.Context, cfg *rest.Config) error
 }
 
+// Clusterless is implemented by Options that may not need the cluster (a
+// subcommand that works on the node only): Main then looks for no cluster
+// configuration and runs them with a nil *rest.Config.
+type Clusterless interface {
+	NeedsCluster() bool
+}
+
 // Main runs the binary name: parse reads its options from the command line
 // and the environment. Bad options exit 2, a failed run exits 1.
 func Main[O Options](name string, parse func(args []string, lookupEnv func(string) (string, bool)) (O, error)) {
@@ -42,7 +49,10 @@ func Main[O Options](name string, parse func(args []string, lookupEnv func(strin
 	}
 	logf.SetLogger(zap.New(zap.UseFlagOptions(o.Logging())))
 	log := logf.Log.WithName(name)
-	cfg, err := restConfig(o.KubeconfigPath())
+	var cfg *rest.Config
+	if c, ok := any(o).(Clusterless); !ok || c.NeedsCluster() {
+		cfg, err = restConfig(o.KubeconfigPath())
+	}
 	if err == nil {
 		err = o.Run(logf.IntoContext(signals.SetupSignalHandler(), log), cfg)
 	}

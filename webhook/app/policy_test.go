@@ -12,6 +12,8 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"os"
+	"path/filepath"
 	"regexp"
 	"strings"
 	"sync"
@@ -22,11 +24,14 @@ import (
 	"github.com/go-logr/logr/funcr"
 	admissionregistrationv1 "k8s.io/api/admissionregistration/v1"
 	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/client-go/kubernetes"
+	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/client-go/rest"
+	"sigs.k8s.io/controller-runtime/pkg/envtest"
 	logf "sigs.k8s.io/controller-runtime/pkg/log"
 
 	"github.com/kubediskguard/kubediskguard/shared/limits"
@@ -41,9 +46,10 @@ const (
 	leaderNS = "kdg-policy-leader"
 	rateNS   = "kdg-policy-rate"
 	benchNS  = "kdg-policy-bench"
+	rbacNS   = "kdg-policy-rbac"
 )
 
-var isolatedNamespaces = []string{leaderNS, rateNS, benchNS}
+var isolatedNamespaces = []string{leaderNS, rateNS, benchNS, rbacNS}
 
 // policyReach is how soon a namespace change must reach its pods' stamps.
 const policyReach = 10 * time.Second
@@ -415,6 +421,12 @@ func (r *policyRun) leads() bool { return strings.Contains(r.log.String(), "Star
 // port and probe, no metrics endpoint, and a log of its own at V(1).
 func startPolicyRun(t testing.TB, p *plane, name string, args ...string) *policyRun {
 	t.Helper()
+	return startPolicyRunAs(t, p, p.cfg, name, args...)
+}
+
+// startPolicyRunAs is startPolicyRun with the API server reached as cfg says.
+func startPolicyRunAs(t testing.TB, p *plane, as *rest.Config, name string, args ...string) *policyRun {
+	t.Helper()
 	r := &policyRun{name: name, log: &lockedBuffer{}, exited: make(chan error, 1), writes: map[string][]time.Time{}}
 	port, err := freeAddr()
 	if err != nil {
@@ -430,7 +442,7 @@ func startPolicyRun(t testing.TB, p *plane, name string, args ...string) *policy
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfg := rest.CopyConfig(p.cfg)
+	cfg := rest.CopyConfig(as)
 	cfg.Wrap(r.wrap)
 	log := funcr.New(r.log.line, funcr.Options{Verbosity: 1})
 	ctx, cancel := context.WithCancel(logf.IntoContext(context.Background(), logr.Logger(log).WithName(name)))
@@ -611,3 +623,66 @@ func TestPolicyWritesAreRateLimited(t *testing.T) {
 	}
 	containsAll(t, "namespace Event", namespaceEvent(t, cs, rateNS, policy.ReasonResolved), fmt.Sprintf("pods re-resolved: %d (stamped %d,", pods, pods))
 }
+
+func TestTheManifestsRBACIsAllThePolicyControllerNeeds(t *testing.T) {
+	p := controlPlane(t)
+	cs, _ := p.clientset(t)
+	ctx := context.Background()
+	// The webhook's RBAC as manifests/ grants it, in its namespace.
+	if _, err := cs.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: systemNamespace}}, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
+		t.Fatal(err)
+	}
+	raw, err := os.ReadFile(filepath.Join("..", "..", "manifests", "webhook", "rbac.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, doc := range strings.Split(string(raw), "\n---\n") {
+		obj, _, err := clientgoscheme.Codecs.UniversalDeserializer().Decode([]byte(doc), nil, nil)
+		if err != nil {
+			t.Fatalf("decoding rbac.yaml: %v", err)
+		}
+		rbac := cs.RbacV1()
+		switch o := obj.(type) {
+		case *rbacv1.ClusterRole:
+			_, err = rbac.ClusterRoles().Create(ctx, o, metav1.CreateOptions{})
+		case *rbacv1.ClusterRoleBinding:
+			_, err = rbac.ClusterRoleBindings().Create(ctx, o, metav1.CreateOptions{})
+		case *rbacv1.Role:
+			_, err = rbac.Roles(o.Namespace).Create(ctx, o, metav1.CreateOptions{})
+		case *rbacv1.RoleBinding:
+			_, err = rbac.RoleBindings(o.Namespace).Create(ctx, o, metav1.CreateOptions{})
+		default:
+			t.Fatalf("rbac.yaml holds a %T", obj)
+		}
+		if err != nil && !apierrors.IsAlreadyExists(err) {
+			t.Fatal(err)
+		}
+	}
+	sa, err := p.env.AddUser(envtest.User{
+		Name:   "system:serviceaccount:" + systemNamespace + ":kubediskguard-webhook",
+		Groups: []string{"system:serviceaccounts", "system:serviceaccounts:" + systemNamespace, "system:authenticated"},
+	}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	isolatedNamespace(t, cs, rbacNS)
+	createPod(t, cs, rbacNS, testPod("a", nil))
+	// As it runs in its pod: the Lease in its own namespace.
+	r := startPolicyRunAs(t, p, sa.Config(), "rbac", "--leader-election-namespace="+systemNamespace)
+	eventually(t, 30*time.Second, "the webhook leading as its ServiceAccount", func() error {
+		if !r.leads() {
+			return errors.New("not yet")
+		}
+		return nil
+	})
+	setNamespace(t, cs, rbacNS, optIn)
+	waitStamps(t, cs, rbacNS, policyReach, map[string]limits.Resolved{"a": {"app": at500}})
+	containsAll(t, "namespace Event", namespaceEvent(t, cs, rbacNS, policy.ReasonResolved), "pods re-resolved: 1 (stamped 1,")
+	if l := r.log.String(); strings.Contains(l, "forbidden") {
+		t.Errorf("the webhook was refused something as its ServiceAccount:\n%s", l)
+	}
+}
+
+// systemNamespace is the namespace manifests/ installs into.
+const systemNamespace = "kubediskguard-system"

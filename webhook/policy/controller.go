@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"time"
 
 	"github.com/go-logr/logr"
@@ -90,13 +91,15 @@ func (r *Reconciler) SetupWithManager(mgr ctrl.Manager) error {
 		// webhook was absent, or stamped in a namespace that opted out while
 		// the controller was down) brings its namespace in.
 		// Only the pod as it is now counts (a map function would also map an
-		// update's old object, whose stamp was just replaced).
+		// update's old object, whose stamp was just replaced). A pod with
+		// invalid annotations is reported when it appears and when its
+		// annotations change, not on every status update.
 		Watches(&corev1.Pod{}, handler.Funcs{
 			CreateFunc: func(ctx context.Context, e event.CreateEvent, q workqueue.TypedRateLimitingInterface[reconcile.Request]) {
-				r.enqueueIfNeeded(ctx, e.Object, q)
+				r.enqueueIfNeeded(ctx, e.Object, q, true)
 			},
 			UpdateFunc: func(ctx context.Context, e event.UpdateEvent, q workqueue.TypedRateLimitingInterface[reconcile.Request]) {
-				r.enqueueIfNeeded(ctx, e.ObjectNew, q)
+				r.enqueueIfNeeded(ctx, e.ObjectNew, q, !maps.Equal(e.ObjectOld.GetAnnotations(), e.ObjectNew.GetAnnotations()))
 			},
 		}).
 		WithOptions(controller.Options{
@@ -107,16 +110,21 @@ func (r *Reconciler) SetupWithManager(mgr ctrl.Manager) error {
 		Complete(r)
 }
 
-// enqueueIfNeeded brings in the namespace of a pod that needs a write.
-func (r *Reconciler) enqueueIfNeeded(ctx context.Context, obj client.Object, q workqueue.TypedRateLimitingInterface[reconcile.Request]) {
+// enqueueIfNeeded brings in the namespace of a pod that needs a write, or,
+// with reportInvalid, that has invalid annotations.
+func (r *Reconciler) enqueueIfNeeded(ctx context.Context, obj client.Object, q workqueue.TypedRateLimitingInterface[reconcile.Request], reportInvalid bool) {
 	pod, ok := obj.(*corev1.Pod)
 	if !ok {
 		return
 	}
 	req := reconcile.Request{NamespacedName: types.NamespacedName{Name: pod.Namespace}}
 	_, ns, err := r.namespace(ctx, pod.Namespace)
-	if err != nil || planFor(r.Resolver, ns, pod).writes() {
-		q.Add(req) // on an error, the pass reads it again and says what is wrong
+	if err != nil {
+		q.Add(req) // the pass reads it again and says what is wrong
+		return
+	}
+	if p := planFor(r.Resolver, ns, pod); p.writes() || (reportInvalid && p.action == invalid) {
+		q.Add(req)
 	}
 }
 

@@ -686,3 +686,21 @@ func TestTheManifestsRBACIsAllThePolicyControllerNeeds(t *testing.T) {
 
 // systemNamespace is the namespace manifests/ installs into.
 const systemNamespace = "kubediskguard-system"
+
+func TestTheWebhookHasTheLastWordOnAControllerWrite(t *testing.T) {
+	p := controlPlane(t)
+	cs, _ := p.clientset(t)
+	ns := p.namespace(t, true, nil)
+	createPod(t, cs, ns, testPod("a", nil))
+	waitStamps(t, cs, ns, 0, map[string]limits.Resolved{"a": {"app": at500}})
+	// A controller whose settings differ from the serving webhook's (as a
+	// replica mid-rollout): its write goes through the webhook, which stamps
+	// its own resolution; the controller sees it and reports it.
+	r := startPolicyRun(t, p, "other-defaults", "--leader-election-namespace="+p.leaseNamespace(t), "--container-iops-limit=600")
+	msg := namespaceEvent(t, cs, ns, policy.ReasonResolveFailed)
+	containsAll(t, "namespace Event", msg, "failed 1", `first failure: pod a: the stored stamp differs from the one written: stored "{\"app\":{\"readIOPS\":500`)
+	if n := len(r.writesIn(ns)); n == 0 {
+		t.Errorf("the controller made no write in %s", ns)
+	}
+	waitStamps(t, cs, ns, 0, map[string]limits.Resolved{"a": {"app": at500}})
+}

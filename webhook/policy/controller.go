@@ -286,7 +286,7 @@ func (r *Reconciler) write(ctx context.Context, pod *corev1.Pod, p plan) error {
 		if value != nil {
 			want = *value
 		}
-		return fmt.Errorf("%w: stored %q, written %q (a webhook replica's namespace cache may lag); retrying", errWebhookDisagrees, got, want)
+		return fmt.Errorf("%w: stored %q, written %q (the webhook resolved it otherwise: a replica's namespace cache may lag, or its settings differ); retrying", errWebhookDisagrees, got, want)
 	}
 	return nil
 }

@@ -596,6 +596,8 @@ func TestPolicyWritesAreRateLimited(t *testing.T) {
 		return nil
 	})
 
+	waitSeries := `kubediskguard_webhook_policy_rate_limit_wait_seconds_total`
+	waitedBefore, _ := metricValue(p.scrapeMetrics(t), waitSeries)
 	setNamespace(t, cs, rateNS, optIn)
 	waitStamps(t, cs, rateNS, 30*time.Second, want)
 	writes := r.writesIn(rateNS)
@@ -622,6 +624,13 @@ func TestPolicyWritesAreRateLimited(t *testing.T) {
 		}
 	}
 	containsAll(t, "namespace Event", namespaceEvent(t, cs, rateNS, policy.ReasonResolved), fmt.Sprintf("pods re-resolved: %d (stamped %d,", pods, pods))
+	// The waits show in the metric (the registry is the process's: this
+	// webhook's series are the package's one's).
+	waited, _ := metricValue(p.scrapeMetrics(t), waitSeries)
+	t.Logf("%s went up by %.2f s", waitSeries, waited-waitedBefore)
+	if waited-waitedBefore < minimum.Seconds()/2 {
+		t.Errorf("%s went up by %.2f s for %s of rate-limited writes", waitSeries, waited-waitedBefore, minimum)
+	}
 }
 
 func TestTheManifestsRBACIsAllThePolicyControllerNeeds(t *testing.T) {

@@ -83,17 +83,19 @@ func (r *Reconciler) SetupWithManager(mgr ctrl.Manager) error {
 		Named("policy").
 		For(mutate.NamespaceMetadata(), builder.WithPredicates(predicate.Funcs{
 			// At start (and on a new leader), every opted-in namespace.
-			CreateFunc: func(e event.CreateEvent) bool { return e.Object.GetLabels()[limits.EnabledLabel] == "true" },
+			CreateFunc: func(e event.CreateEvent) bool {
+				return r.Resolver.ScopeOf(&resolve.Namespace{Name: e.Object.GetName(), Labels: e.Object.GetLabels()}) == resolve.InScope
+			},
 			UpdateFunc: func(e event.UpdateEvent) bool { return policyChanged(e.ObjectOld, e.ObjectNew) },
 			DeleteFunc: func(event.DeleteEvent) bool { return false },
 		})).
 		// A pod whose stamp is not what resolution says (admitted while the
 		// webhook was absent, or stamped in a namespace that opted out while
-		// the controller was down) brings its namespace in.
-		// Only the pod as it is now counts (a map function would also map an
-		// update's old object, whose stamp was just replaced). A pod with
-		// invalid annotations is reported when it appears and when its
-		// annotations change, not on every status update.
+		// the controller was down) brings its namespace in. Only the pod as
+		// it is now counts (a map function would also map an update's old
+		// object, whose stamp was just replaced). A pod with invalid
+		// annotations is reported when it appears and when its annotations
+		// change, not on every status update.
 		Watches(&corev1.Pod{}, handler.Funcs{
 			CreateFunc: func(ctx context.Context, e event.CreateEvent, q workqueue.TypedRateLimitingInterface[reconcile.Request]) {
 				r.enqueueIfNeeded(ctx, e.Object, q, true)

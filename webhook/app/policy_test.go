@@ -183,7 +183,10 @@ func TestOptingANamespaceInStampsItsRunningPods(t *testing.T) {
 	containsAll(t, "namespace Event", namespaceEvent(t, cs, ns, policy.ReasonResolved), "pods re-resolved: 4 (stamped 4, cleared 0, unchanged 0")
 
 	after := p.scrapeMetrics(t)
-	for _, series := range []string{`kubediskguard_webhook_policy_pods_total{result="stamped"}`, `kubediskguard_webhook_policy_pass_duration_seconds_count`} {
+	if v, ok := metricValue(after, `leader_election_master_status{name="`+app.LeaseName+`"}`); !ok || v != 1 {
+		t.Errorf("leader_election_master_status of %s = %v (present %v), want 1", app.LeaseName, v, ok)
+	}
+	for _, series := range []string{`kubediskguard_webhook_policy_pods_total{result="stamped"}`, `kubediskguard_webhook_policy_pass_duration_seconds_count`, `controller_runtime_reconcile_total{controller="policy",result="success"}`} {
 		was, _ := metricValue(before, series)
 		v, _ := metricValue(after, series)
 		if v < was+1 {

@@ -362,7 +362,7 @@ func TestExcludedNamespacesArePassedOverUnchanged(t *testing.T) {
 	}
 }
 
-// instance is a webhook a test runs beside the package's one: its log and
+// policyRun is a webhook a test runs beside the package's one: its log and
 // the pod writes its client made.
 type policyRun struct {
 	name   string
@@ -393,7 +393,7 @@ func (l *lockedBuffer) String() string {
 
 var podWrite = regexp.MustCompile(`^/api/v1/namespaces/([^/]+)/pods/[^/]+$`)
 
-// RoundTrip counts pod writes on the way to the API server.
+// wrap counts pod writes on their way to the API server.
 func (r *policyRun) wrap(rt http.RoundTripper) http.RoundTripper {
 	return roundTripper(func(req *http.Request) (*http.Response, error) {
 		if m := podWrite.FindStringSubmatch(req.URL.Path); m != nil && (req.Method == http.MethodPatch || req.Method == http.MethodPut) {

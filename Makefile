@@ -28,7 +28,7 @@ export KDG_NODE := $(NODE)
 export KDG_VM_DIR := $(VM_DIR)
 export KDG_CONTAINERD2_DIR := $(CONTAINERD2_DIR)
 
-.PHONY: build test unit-test lint bench bench-load bench-applier test-bins vm-kernel host-deps fuzz demo up down clean
+.PHONY: build test unit-test lint bench bench-load bench-policy bench-applier test-bins vm-kernel host-deps fuzz demo up down clean
 
 # Debian packages the real-component tests use: containerd and runc (the
 # containerd runtime tests), docker.io (dockerd, for the Docker runtime tests),
@@ -98,6 +98,10 @@ bench:
 ## bench-load: 1,000 requests/s for 30 s over TLS, real handler vs no-op (see BENCHMARKS.md)
 bench-load:
 	$(GO) test -run '^$$' -bench BenchmarkLoad -benchtime 1x -timeout 10m ./webhook/mutate/
+
+## bench-policy: the policy controller re-resolving 500 pods of one namespace (envtest), at the default write rate and unlimited, vs the same pods up to date (see BENCHMARKS.md)
+bench-policy: test-bins
+	$(GO) test -run '^$$' -bench BenchmarkPolicy -benchtime 1x -timeout 10m ./webhook/app/
 
 ## bench-applier: reaction to 100 container starts and startup with 200 containers on real containerd (root)
 bench-applier: host-deps test-bins

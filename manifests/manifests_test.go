@@ -61,9 +61,16 @@ type rule struct{ group, resource, verb string }
 var wantRBAC = map[string][]rule{
 	// webhook/app and webhook/mutate: an informer cache of namespace metadata
 	// (list, watch) and a direct read of a namespace the cache does not hold
-	// yet (get).
+	// yet (get). webhook/policy: an informer over pods (list, watch), the
+	// merge patch of a pod's stamp (patch), Events on namespaces and pods
+	// through client-go's recorder (create, patch), as leader election's on
+	// its Lease; controller-runtime's leader election with client-go's lease
+	// lock (get, create, update; the Role in the webhook's namespace).
 	webhookName: {
 		{"", "namespaces", "get"}, {"", "namespaces", "list"}, {"", "namespaces", "watch"},
+		{"", "pods", "list"}, {"", "pods", "watch"}, {"", "pods", "patch"},
+		{"", "events", "create"}, {"", "events", "patch"},
+		{"coordination.k8s.io", "leases", "get"}, {"coordination.k8s.io", "leases", "create"}, {"coordination.k8s.io", "leases", "update"},
 	},
 	// applier/pods: an informer over the node's pods and one over the
 	// opted-in namespaces (list, watch; lookups go to their stores, never

@@ -104,6 +104,7 @@ func (e *env) runChecks(t *testing.T) {
 	// These two reuse Throttle's pods.
 	t.Run("ContainerRestartKeepsLimit", e.testContainerRestart)
 	t.Run("AnnotateChangesLimitLive", e.testAnnotateLive)
+	t.Run("PolicyReachesRunningPods", e.testPolicyReachesRunningPods)
 	t.Run("WebhookDown", e.testWebhookDown)
 	t.Run("ApplierCrashLosesNothing", e.testApplierCrash)
 	t.Run("DataTotalIOPS", e.testDataTotalIOPS)

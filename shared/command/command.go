@@ -70,6 +70,13 @@ func restConfig(kubeconfig string) (*rest.Config, error) {
 		if err != nil {
 			return nil, fmt.Errorf("loading --kubeconfig %s: %w", kubeconfig, err)
 		}
+		if cfg.QPS == 0 {
+			// As config.GetConfig does in a pod: no client-side rate limit
+			// (client-go's default is 5 requests/s), the API server's
+			// priority and fairness instead; the webhook's policy controller
+			// bounds its own writes.
+			cfg.QPS = -1
+		}
 		return cfg, nil
 	}
 	cfg, err := config.GetConfig()

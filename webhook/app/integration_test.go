@@ -68,7 +68,7 @@ func TestMain(m *testing.M) {
 
 // controlPlane starts, once for the package, the API server with the webhook
 // configuration installed and the webhook serving it.
-func controlPlane(t *testing.T) *plane {
+func controlPlane(t testing.TB) *plane {
 	t.Helper()
 	if testing.Short() {
 		t.Skip("integration test: needs a real kube-apiserver (run without -short)")
@@ -122,6 +122,7 @@ func start(assets string) (*plane, error) {
 		"--metrics-bind-address=" + p.metrics,
 		"--health-probe-bind-address=" + probe,
 		"--exclude-pod-selector=" + excludeLabel + "=true",
+		"--exclude-namespaces=kube-system," + strings.Join(isolatedNamespaces, ","),
 	}, func(string) (string, bool) { return "", false })
 	if err != nil {
 		return nil, err
@@ -180,7 +181,7 @@ func (w *warnings) all() []string {
 }
 
 // clientset returns a client and the warnings it receives.
-func (p *plane) clientset(t *testing.T) (kubernetes.Interface, *warnings) {
+func (p *plane) clientset(t testing.TB) (kubernetes.Interface, *warnings) {
 	t.Helper()
 	w := &warnings{}
 	cfg := rest.CopyConfig(p.cfg)
@@ -224,7 +225,7 @@ func testPod(name string, annotations map[string]string, containers ...string) *
 	return p
 }
 
-func createPod(t *testing.T, cs kubernetes.Interface, ns string, pod *corev1.Pod) *corev1.Pod {
+func createPod(t testing.TB, cs kubernetes.Interface, ns string, pod *corev1.Pod) *corev1.Pod {
 	t.Helper()
 	created, err := cs.CoreV1().Pods(ns).Create(context.Background(), pod, metav1.CreateOptions{})
 	if err != nil {
@@ -525,7 +526,7 @@ func TestMetricsCountTheDecisions(t *testing.T) {
 }
 
 // scrapeMetrics returns the webhook's metrics in the Prometheus text format.
-func (p *plane) scrapeMetrics(t *testing.T) string {
+func (p *plane) scrapeMetrics(t testing.TB) string {
 	t.Helper()
 	resp, err := http.Get("http://" + p.metrics + "/metrics")
 	if err != nil {

@@ -4,6 +4,7 @@ package app
 
 import (
 	"fmt"
+	"math"
 	"strings"
 
 	"k8s.io/apimachinery/pkg/labels"
@@ -22,6 +23,13 @@ type Options struct {
 	CertDir string
 	Port    int
 	Resolve resolve.Config
+
+	// PolicyWritesPerSecond bounds the policy controller's pod writes, all
+	// namespaces together.
+	PolicyWritesPerSecond float64
+	// LeaderElectionNamespace holds the policy controller's Lease; empty:
+	// the webhook's own namespace in a pod, else DefaultLeaseNamespace.
+	LeaderElectionNamespace string
 }
 
 // Defaults of the SPEC.
@@ -30,6 +38,13 @@ const (
 	DefaultExcludeKeywords   = "pause,istio-proxy,psmdb,kube-system,koordinator,apisix"
 	DefaultExcludeNamespaces = "kube-system"
 	DefaultCertDir           = "/tmp/k8s-webhook-server/serving-certs"
+	// DefaultPolicyWritesPerSecond is client-go's and kube-controller-manager's
+	// default client rate (--kube-api-qps 20): the policy controller weighs on
+	// the API server no more than one of the cluster's own controllers does.
+	DefaultPolicyWritesPerSecond = 20
+	// DefaultLeaseNamespace holds the Lease when the webhook runs outside a
+	// pod (a local run with --kubeconfig): it exists in every cluster.
+	DefaultLeaseNamespace = "kube-system"
 )
 
 // ParseOptions reads the options from the command line and the environment
@@ -65,6 +80,11 @@ func ParseOptions(args []string, lookupEnv func(string) (string, bool)) (*Option
 	fs.Env("exclude-namespaces", "EXCLUDE_NAMESPACES")
 	fs.StringVar(&selector, "exclude-pod-selector", "", "label selector of pods that get no limits, e.g. 'app in (db),tier!=infra'")
 	fs.Env("exclude-pod-selector", "EXCLUDE_POD_SELECTOR")
+	fs.Float64Var(&o.PolicyWritesPerSecond, "policy-writes-per-second", DefaultPolicyWritesPerSecond,
+		"pod writes per second of the policy controller, all namespaces together (up to one second's worth at once)")
+	fs.Env("policy-writes-per-second", "POLICY_WRITES_PER_SECOND")
+	fs.StringVar(&o.LeaderElectionNamespace, "leader-election-namespace", "",
+		"namespace of the policy controller's Lease (default: the webhook's own namespace in a pod, else "+DefaultLeaseNamespace+")")
 	o.Common.Bind(fs.FlagSet)
 
 	if err := fs.Parse(args, lookupEnv); err != nil {
@@ -81,6 +101,9 @@ func ParseOptions(args []string, lookupEnv func(string) (string, bool)) (*Option
 	}
 	if o.Port <= 0 || o.Port > 65535 {
 		return nil, fmt.Errorf("invalid value %d for --port: want 1-65535", o.Port)
+	}
+	if !(o.PolicyWritesPerSecond > 0) || math.IsInf(o.PolicyWritesPerSecond, 0) {
+		return nil, fmt.Errorf("invalid value %v for --policy-writes-per-second / POLICY_WRITES_PER_SECOND: want a number above 0", o.PolicyWritesPerSecond)
 	}
 	if o.CertDir == "" {
 		return nil, fmt.Errorf("--cert-dir must not be empty")

@@ -32,7 +32,31 @@ func TestParseOptions(t *testing.T) {
 				if !reflect.DeepEqual(o.Resolve.ExcludeNamespaces, []string{"kube-system"}) || o.Resolve.ExcludePodSelector != nil {
 					t.Errorf("exclusions = %v, %v", o.Resolve.ExcludeNamespaces, o.Resolve.ExcludePodSelector)
 				}
+				if o.PolicyWritesPerSecond != 20 || o.LeaderElectionNamespace != "" {
+					t.Errorf("policy controller: %v writes/s, Lease namespace %q; want 20 and empty", o.PolicyWritesPerSecond, o.LeaderElectionNamespace)
+				}
 			},
+		},
+		"lets POLICY_WRITES_PER_SECOND set the policy controller's write rate, and the flag beat it": {
+			env:  map[string]string{"POLICY_WRITES_PER_SECOND": "2.5"},
+			args: []string{"--leader-election-namespace=kdg"},
+			check: func(t *testing.T, o *Options) {
+				if o.PolicyWritesPerSecond != 2.5 || o.LeaderElectionNamespace != "kdg" {
+					t.Errorf("policy controller: %v writes/s, Lease namespace %q; want 2.5 and kdg", o.PolicyWritesPerSecond, o.LeaderElectionNamespace)
+				}
+				o, err := ParseOptions([]string{"--policy-writes-per-second=100"}, env(map[string]string{"POLICY_WRITES_PER_SECOND": "2.5"}))
+				if err != nil || o.PolicyWritesPerSecond != 100 {
+					t.Errorf("flag 100 over env 2.5: %v writes/s, err %v", o.PolicyWritesPerSecond, err)
+				}
+			},
+		},
+		"names a write rate that is not above 0": {
+			env:     map[string]string{"POLICY_WRITES_PER_SECOND": "0"},
+			wantErr: []string{"invalid value 0 for --policy-writes-per-second / POLICY_WRITES_PER_SECOND: want a number above 0"},
+		},
+		"names a write rate that is not a number": {
+			args:    []string{"--policy-writes-per-second=fast"},
+			wantErr: []string{`invalid value "fast" for flag -policy-writes-per-second`},
 		},
 		"lets environment variables set the defaults and exclusions": {
 			env: map[string]string{

@@ -5,7 +5,10 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"os"
+	"strings"
 
+	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/runtime"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/client-go/rest"
@@ -19,6 +22,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/webhook"
 
 	"github.com/kubediskguard/kubediskguard/webhook/mutate"
+	"github.com/kubediskguard/kubediskguard/webhook/policy"
 )
 
 // Run implements command.Options.
@@ -30,16 +34,31 @@ func Run(ctx context.Context, o *Options, cfg *rest.Config) error {
 	if err := clientgoscheme.AddToScheme(scheme); err != nil {
 		return err
 	}
+	log := ctrl.LoggerFrom(ctx)
+	leaseNS, err := leaseNamespace(o.LeaderElectionNamespace)
+	if err != nil {
+		return err
+	}
 	nsMeta := mutate.NamespaceMetadata()
 	mgr, err := ctrl.NewManager(cfg, ctrl.Options{
 		Scheme:                 scheme,
+		Logger:                 log,
 		Metrics:                metricsserver.Options{BindAddress: o.MetricsBindAddress},
 		HealthProbeBindAddress: o.HealthProbeAddress,
 		WebhookServer:          webhook.NewServer(webhook.Options{Port: o.Port, CertDir: o.CertDir}),
 		Cache: cache.Options{ByObject: map[client.Object]cache.ByObject{
 			// Read-only use: the handler never changes what the cache hands out.
 			nsMeta: {UnsafeDisableDeepCopy: ptr.To(true)},
+			// The policy controller's (started on the leader only).
+			&corev1.Pod{}: policy.PodCache(),
 		}},
+		// Every replica serves the webhook; only the Lease holder runs the
+		// policy controller, and a stopping holder hands the Lease over at
+		// once (the binary exits when Run returns).
+		LeaderElection:                true,
+		LeaderElectionID:              LeaseName,
+		LeaderElectionNamespace:       leaseNS,
+		LeaderElectionReleaseOnCancel: true,
 	})
 	if err != nil {
 		return fmt.Errorf("creating the manager: %w", err)
@@ -64,6 +83,21 @@ func Run(ctx context.Context, o *Options, cfg *rest.Config) error {
 	srv := mgr.GetWebhookServer()
 	srv.Register(mutate.Path, handler.Webhook())
 
+	pm, err := policy.NewMetrics(metrics.Registry)
+	if err != nil {
+		return fmt.Errorf("registering metrics: %w", err)
+	}
+	ctl := &policy.Reconciler{
+		Client:   mgr.GetClient(),
+		Resolver: &o.Resolve,
+		Limiter:  policy.NewLimiter(o.PolicyWritesPerSecond),
+		Recorder: mgr.GetEventRecorderFor(policy.Name), //nolint:staticcheck // core/v1 Events, as leader election records them: one API group in RBAC
+		Metrics:  pm,
+	}
+	if err := ctl.SetupWithManager(mgr); err != nil {
+		return fmt.Errorf("setting up the policy controller: %w", err)
+	}
+
 	if err := mgr.AddHealthzCheck("ping", healthz.Ping); err != nil {
 		return err
 	}
@@ -79,8 +113,31 @@ func Run(ctx context.Context, o *Options, cfg *rest.Config) error {
 		return err
 	}
 
-	ctrl.LoggerFrom(ctx).Info("starting kubediskguard-webhook", "port", o.Port, "certDir", o.CertDir,
+	log.Info("starting kubediskguard-webhook", "port", o.Port, "certDir", o.CertDir,
+		"policyWritesPerSecond", o.PolicyWritesPerSecond, "lease", leaseNS+"/"+LeaseName,
 		"defaults", o.Resolve.Defaults.String(), "excludeKeywords", o.Resolve.ExcludeKeywords,
 		"excludeNamespaces", o.Resolve.ExcludeNamespaces, "excludePodSelector", fmt.Sprint(o.Resolve.ExcludePodSelector))
 	return mgr.Start(ctx)
+}
+
+// LeaseName is the policy controller's Lease.
+const LeaseName = "kubediskguard-webhook-policy"
+
+// serviceAccountNamespace is where a pod finds its own namespace.
+const serviceAccountNamespace = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
+// leaseNamespace is the Lease's namespace: the flag's, else the webhook's own
+// namespace when it runs in a pod, else DefaultLeaseNamespace.
+func leaseNamespace(flagValue string) (string, error) {
+	if flagValue != "" {
+		return flagValue, nil
+	}
+	b, err := os.ReadFile(serviceAccountNamespace)
+	if errors.Is(err, os.ErrNotExist) {
+		return DefaultLeaseNamespace, nil
+	}
+	if err != nil {
+		return "", fmt.Errorf("reading the webhook's namespace for its Lease (set --leader-election-namespace): %w", err)
+	}
+	return strings.TrimSpace(string(b)), nil
 }

@@ -2,6 +2,7 @@ package mutate
 
 import (
 	"errors"
+	"fmt"
 
 	"github.com/prometheus/client_golang/prometheus"
 
@@ -27,13 +28,9 @@ func NewMetrics(reg prometheus.Registerer) (*Metrics, error) {
 		}, []string{"kind"}),
 	}
 	for _, c := range []**prometheus.CounterVec{&m.pods, &m.warnings} {
-		if err := reg.Register(*c); err != nil {
-			// A second server in the same process (tests) shares the first's.
-			var are prometheus.AlreadyRegisteredError
-			if !errors.As(err, &are) {
-				return nil, err
-			}
-			*c = are.ExistingCollector.(*prometheus.CounterVec)
+		var err error
+		if *c, err = Register(reg, *c); err != nil {
+			return nil, err
 		}
 	}
 	for _, d := range []string{decisionStamped, decisionUnchanged, decisionSkipped, decisionDenied, decisionError} {
@@ -58,4 +55,22 @@ func (m *Metrics) warned(ws []resolve.Warning) {
 	for _, w := range ws {
 		m.warnings.WithLabelValues(string(w.Kind)).Inc()
 	}
+}
+
+// Register registers c with reg and returns it; when reg already holds the
+// same metric (a second webhook in the same process: tests), it returns that
+// one instead, so that both count on the same series.
+func Register[C prometheus.Collector](reg prometheus.Registerer, c C) (C, error) {
+	if err := reg.Register(c); err != nil {
+		var are prometheus.AlreadyRegisteredError
+		if !errors.As(err, &are) {
+			return c, err
+		}
+		existing, ok := are.ExistingCollector.(C)
+		if !ok {
+			return c, fmt.Errorf("metric registered twice with different types: %w", err)
+		}
+		return existing, nil
+	}
+	return c, nil
 }

@@ -69,8 +69,28 @@ type Namespace struct {
 	Annotations map[string]string
 }
 
+// Scope says whether a pod's namespace is one whose pods KubeDiskGuard
+// stamps.
+type Scope uint8
+
+const (
+	// InScope: the namespace opted in and is not excluded; its pods are
+	// resolved and stamped.
+	InScope Scope = iota
+	// ExcludedNamespace: the namespace is in ExcludeNamespaces; its pods are
+	// never changed, whatever their labels or annotations.
+	ExcludedNamespace
+	// NotEnabled: the namespace did not opt in; its pods carry no resolved
+	// annotation (the webhook is not called for them; the policy controller
+	// removes a stamp left from before an opt-out).
+	NotEnabled
+)
+
 // Result is the decision for one pod.
 type Result struct {
+	// Scope is whether the pod's namespace is in scope at all; when it is
+	// not, Mutate is false.
+	Scope Scope
 	// Mutate is false when the pod must be left exactly as it is.
 	Mutate bool
 	// Reason says why the pod is left alone or gets no limits, for logs.
@@ -88,11 +108,11 @@ var annotationsPath = field.NewPath("metadata", "annotations")
 // Resolve decides the limits of every container of pod, which is in (or is
 // being created in) namespace ns.
 func (c *Config) Resolve(ns *Namespace, pod *corev1.Pod) Result {
-	if slices.Contains(c.ExcludeNamespaces, ns.Name) {
-		return Result{Reason: "namespace is excluded"}
-	}
-	if ns.Labels[limits.EnabledLabel] != "true" {
-		return Result{Reason: "namespace is not enabled"}
+	switch c.ScopeOf(ns) {
+	case ExcludedNamespace:
+		return Result{Scope: ExcludedNamespace, Reason: "namespace is excluded"}
+	case NotEnabled:
+		return Result{Scope: NotEnabled, Reason: "namespace is not enabled"}
 	}
 	if c.ExcludePodSelector != nil && c.ExcludePodSelector.Matches(labels.Set(pod.Labels)) {
 		return Result{Mutate: true, Reason: "pod matches the exclusion selector", Limits: limits.Resolved{}}
@@ -123,6 +143,18 @@ func (c *Config) Resolve(ns *Namespace, pod *corev1.Pod) Result {
 		}
 	}
 	return res
+}
+
+// ScopeOf says whether the pods of ns are stamped: an excluded namespace
+// never, else only when it opted in with the label's value exactly "true".
+func (c *Config) ScopeOf(ns *Namespace) Scope {
+	if slices.Contains(c.ExcludeNamespaces, ns.Name) {
+		return ExcludedNamespace
+	}
+	if ns.Labels[limits.EnabledLabel] != "true" {
+		return NotEnabled
+	}
+	return InScope
 }
 
 func (c *Config) excludedContainer(ctr *corev1.Container) bool {

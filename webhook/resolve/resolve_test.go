@@ -73,20 +73,22 @@ func TestResolve(t *testing.T) {
 		// want is the resolved annotation; nil with wantMutate false means untouched.
 		want       limits.Resolved
 		wantMutate bool
+		// wantScope is InScope unless said otherwise.
+		wantScope Scope
 		// wantWarnings and wantErrors are substrings, one per warning/error, in order.
 		wantWarnings []string
 		wantErrors   []string
 	}{
 		"leaves a pod alone in a namespace without the opt-in label": {
-			ns: &Namespace{Name: "other"}, pod: pod(limits.Prefix+"iops", "garbage"),
+			ns: &Namespace{Name: "other"}, pod: pod(limits.Prefix+"iops", "garbage"), wantScope: NotEnabled,
 		},
 		"leaves a pod alone when the opt-in label is not exactly true": {
 			ns:  &Namespace{Name: "other", Labels: map[string]string{limits.EnabledLabel: "yes"}},
-			pod: pod(),
+			pod: pod(), wantScope: NotEnabled,
 		},
 		"leaves a pod alone in an excluded namespace even when it is labelled": {
 			ns:  &Namespace{Name: "kube-system", Labels: map[string]string{limits.EnabledLabel: "true"}},
-			pod: pod(),
+			pod: pod(), wantScope: ExcludedNamespace,
 		},
 		"gives every container the webhook defaults in an enabled namespace": {
 			ns: enabledNS(), pod: pod(), wantMutate: true,
@@ -302,6 +304,9 @@ func TestResolve(t *testing.T) {
 			got := c.Resolve(tc.ns, tc.pod)
 			if got.Mutate != tc.wantMutate {
 				t.Errorf("Mutate = %v, want %v (reason %q)", got.Mutate, tc.wantMutate, got.Reason)
+			}
+			if got.Scope != tc.wantScope {
+				t.Errorf("Scope = %v, want %v (reason %q)", got.Scope, tc.wantScope, got.Reason)
 			}
 			if !reflect.DeepEqual(got.Limits, tc.want) {
 				t.Errorf("Limits = %v\nwant     %v", got.Limits, tc.want)

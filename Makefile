@@ -86,6 +86,13 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzResolvedRoundTrip -fuzztime $(FUZZTIME) ./shared/limits
 	$(GO) test -run '^$$' -fuzz FuzzParseContainerValue -fuzztime $(FUZZTIME) ./webhook/resolve
 	$(GO) test -run '^$$' -fuzz FuzzHandle -fuzztime $(FUZZTIME) ./webhook/mutate
+	$(GO) test -run '^$$' -fuzz FuzzParseMountInfo -fuzztime $(FUZZTIME) ./applier/device
+	$(GO) test -run '^$$' -fuzz FuzzParseDevice -fuzztime $(FUZZTIME) ./applier/device
+	$(GO) test -run '^$$' -fuzz FuzzParseProcCgroup -fuzztime $(FUZZTIME) ./applier/cgroup
+	$(GO) test -run '^$$' -fuzz FuzzParseV1File -fuzztime $(FUZZTIME) ./applier/cgroup
+	$(GO) test -run '^$$' -fuzz FuzzParseIOMax -fuzztime $(FUZZTIME) ./applier/cgroup
+	$(GO) test -run '^$$' -fuzz FuzzParseIOStat -fuzztime $(FUZZTIME) ./applier/cgroup
+	$(GO) test -run '^$$' -fuzz FuzzParseV1Stat -fuzztime $(FUZZTIME) ./applier/cgroup
 
 ## demo: the end-to-end story on a local single-node cluster: a namespace opts
 ## in, fio in a pod is held to its limit (and not in a namespace that did not

@@ -75,9 +75,9 @@ bench:
 bench-load:
 	$(GO) test -run '^$$' -bench BenchmarkLoad -benchtime 1x -timeout 10m ./webhook/mutate/
 
-## bench-applier: reaction to 100 container starts and startup with 200 containers on real containerd (root)
+## bench-applier: reaction to 100 container starts and startup with 200 containers on real containerd, 1.6 and 2.x in the same run (root)
 bench-applier: host-deps test-bins
-	$(GO) test -run '^$$' -bench . -benchtime 1x -v -timeout 15m ./applier/app/
+	$(GO) test -run '^$$' -bench . -benchtime 1x -v -timeout 30m ./applier/app/
 
 ## fuzz: run each fuzz target for FUZZTIME (default 30s)
 FUZZTIME ?= 30s

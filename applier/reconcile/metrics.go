@@ -14,6 +14,7 @@ type Metrics struct {
 	applied, failed, disconnects prometheus.Counter
 	latency                      prometheus.Histogram
 	limit                        *prometheus.GaugeVec
+	full                         *prometheus.CounterVec
 }
 
 var containerLabels = []string{"namespace", "pod", "container"}
@@ -42,8 +43,15 @@ func NewMetrics(reg prometheus.Registerer) (*Metrics, error) {
 			Name: "kubediskguard_applier_container_limit",
 			Help: "Configured limit of a container per dimension (read-iops, write-iops in IO/s; read-bps, write-bps in bytes/s); 0 is unlimited.",
 		}, append(containerLabels[:3:3], "dimension")),
+		full: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "kubediskguard_applier_full_reconciles_total",
+			Help: "Full reconciles (every container listed from the runtime) completed, by what asked for them: start, reconnect (the runtime's event stream opened again), interval (CHECK_INTERVAL). One pass asked for by several counts for each.",
+		}, []string{"trigger"}),
 	}
-	for _, c := range []prometheus.Collector{m.applied, m.failed, m.disconnects, m.latency, m.limit} {
+	for _, t := range []Trigger{TriggerStart, TriggerReconnect, TriggerInterval} {
+		m.full.WithLabelValues(string(t)) // 0 until it happens
+	}
+	for _, c := range []prometheus.Collector{m.applied, m.failed, m.disconnects, m.latency, m.limit, m.full} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}
@@ -66,6 +74,15 @@ func (m *Metrics) failedInc() {
 func (m *Metrics) runtimeDisconnect() {
 	if m != nil {
 		m.disconnects.Inc()
+	}
+}
+
+func (m *Metrics) fullReconciled(triggers map[Trigger]bool) {
+	if m == nil {
+		return
+	}
+	for t := range triggers {
+		m.full.WithLabelValues(string(t)).Inc()
 	}
 }
 

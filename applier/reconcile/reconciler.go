@@ -9,6 +9,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -72,6 +73,7 @@ type Reconciler struct {
 	since      map[string]time.Time       // container ID → when its start event arrived
 	eventPID   map[string]int             // container ID → the PID its start event gave
 	invalid    map[string]string          // pod UID → annotation value already reported invalid
+	fullWhy    map[Trigger]bool           // what asked for the full reconcile queued now
 
 	synced atomic.Bool // a full reconcile has completed
 }
@@ -94,7 +96,31 @@ func New(cfg Config) *Reconciler {
 		since:      map[string]time.Time{},
 		eventPID:   map[string]int{},
 		invalid:    map[string]string{},
+		fullWhy:    map[Trigger]bool{},
 	}
+}
+
+// Trigger is what asked for a full reconcile, as the metric
+// kubediskguard_applier_full_reconciles_total counts them.
+type Trigger string
+
+const (
+	// TriggerStart is the runtime's first event stream, at the start.
+	TriggerStart Trigger = "start"
+	// TriggerReconnect is the runtime's event stream opened again after it
+	// broke.
+	TriggerReconnect Trigger = "reconnect"
+	// TriggerInterval is the periodic pass, every Interval.
+	TriggerInterval Trigger = "interval"
+)
+
+// requestFull queues a full reconcile for trigger; the triggers that ask
+// before it runs share it.
+func (r *Reconciler) requestFull(trigger Trigger) {
+	r.mu.Lock()
+	r.fullWhy[trigger] = true
+	r.mu.Unlock()
+	r.queue.Add(fullKey)
 }
 
 // Synced reports whether a full reconcile has completed, for /readyz.
@@ -114,14 +140,24 @@ func (r *Reconciler) PodChanged(uid string) {
 	}
 }
 
-// Run reconciles until ctx is done: it watches the runtime (reconnecting
-// with backoff, and reconciling everything after each reconnect), runs a
-// full reconcile every Interval, and works the queue.
+// Run reconciles until ctx is done: it watches the runtime (reconciling
+// everything once the event stream is open, and again after each
+// reconnect), runs a full reconcile every Interval after the start, and
+// works the queue.
 func (r *Reconciler) Run(ctx context.Context) {
 	var wg sync.WaitGroup
 	wg.Go(func() { r.watch(ctx) })
 	wg.Go(func() {
-		wait.Until(func() { r.queue.Add(fullKey) }, r.Interval, ctx.Done())
+		tick := time.NewTicker(r.Interval)
+		defer tick.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-tick.C:
+				r.requestFull(TriggerInterval)
+			}
+		}
 	})
 	for range workers {
 		wg.Go(func() {
@@ -140,11 +176,13 @@ func (r *Reconciler) Run(ctx context.Context) {
 func (r *Reconciler) watch(ctx context.Context) {
 	backoff := wait.Backoff{Duration: 200 * time.Millisecond, Factor: 2, Jitter: 0.2, Steps: 1 << 30, Cap: 30 * time.Second}
 	delay := backoff
+	trigger := TriggerStart
 	for ctx.Err() == nil {
 		started := time.Now()
 		err := r.Runtime.Watch(ctx, func() {
 			r.Log.V(1).Info("runtime event stream open", "runtime", r.Runtime.Name())
-			r.queue.Add(fullKey)
+			r.requestFull(trigger)
+			trigger = TriggerReconnect
 		}, r.handle)
 		if ctx.Err() != nil {
 			return
@@ -214,8 +252,15 @@ func (r *Reconciler) next(ctx context.Context) bool {
 // reconcileAll lists the runtime's running containers, forgets those that
 // are gone, queues every one, and sets the node-wide cap.
 func (r *Reconciler) reconcileAll(ctx context.Context) error {
+	r.mu.Lock()
+	why := r.fullWhy
+	r.fullWhy = map[Trigger]bool{}
+	r.mu.Unlock()
 	list, err := r.Runtime.List(ctx)
 	if err != nil {
+		r.mu.Lock()
+		maps.Copy(r.fullWhy, why) // the retry serves them
+		r.mu.Unlock()
 		return fmt.Errorf("listing containers: %w", err)
 	}
 	running := make(map[string]bool, len(list))
@@ -237,6 +282,7 @@ func (r *Reconciler) reconcileAll(ctx context.Context) error {
 	for _, c := range list {
 		r.queue.Add(c.ID)
 	}
+	r.Metrics.fullReconciled(why)
 	if err := r.applyNodeCap(); err != nil {
 		return err
 	}

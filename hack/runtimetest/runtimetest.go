@@ -109,10 +109,15 @@ func lookBin(name, packages string) (string, error) {
 }
 
 // daemonEnv is the environment of the daemons: they find runc and the
-// shims in PATH, which may lack the sbin directories under go test.
-func daemonEnv() []string {
+// shims in PATH, which may lack the sbin directories under go test; first
+// of all in first, when set.
+func daemonEnv(first string) []string {
 	env := slices.DeleteFunc(os.Environ(), func(kv string) bool { return strings.HasPrefix(kv, "PATH=") })
-	return append(env, "PATH="+os.Getenv("PATH")+":/usr/local/sbin:/usr/sbin:/sbin:/usr/bin:/bin")
+	path := os.Getenv("PATH") + ":/usr/local/sbin:/usr/sbin:/sbin:/usr/bin:/bin"
+	if first != "" {
+		path = first + ":" + path
+	}
+	return append(env, "PATH="+path)
 }
 
 // Rootfs returns a new directory under parent holding a root filesystem
@@ -227,11 +232,14 @@ func (o Options) logf() func(format string, args ...any) {
 
 // daemon is a daemon process started by a test or a tool.
 type daemon struct {
-	name   string
-	dir    string // everything of the daemon is below it, but a data root
-	log    string
-	cmd    *exec.Cmd
-	exited chan struct{}
+	name string
+	dir  string // everything of the daemon is below it, but a data root
+	// pathDir, when set, comes first in the daemon's PATH (where a
+	// containerd finds its shim).
+	pathDir string
+	log     string
+	cmd     *exec.Cmd
+	exited  chan struct{}
 	// cgroups are removed after the daemon stopped; see CleanupCgroups.
 	cgroups []string
 	// mountDirs are the directories besides dir whose mounts are removed
@@ -306,7 +314,7 @@ func (d *daemon) start(bin string, args ...string) error {
 	}
 	defer logf.Close()
 	cmd := exec.Command(bin, args...)
-	cmd.Env = daemonEnv()
+	cmd.Env = daemonEnv(d.pathDir)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {

@@ -28,13 +28,17 @@ func newRuntime(t *testing.T, d *runtimetest.Containerd, h *cgroup.Hierarchy) *c
 	return rt
 }
 
+// The tests run on each of runtimetest.Containerds (Debian's containerd 1.6
+// and 2.x), as subtests named by version.
+
 // TestRealListAndContainer runs, in a private containerd, a pod's
 // container and sandbox, a container without CRI labels, a created but
 // not started pod container and a labelled container in another
 // namespace, and checks that List and Container see exactly the running
 // pod container, with its pod, PID and cgroup.
-func TestRealListAndContainer(t *testing.T) {
-	d := runtimetest.StartContainerd(t)
+func TestRealListAndContainer(t *testing.T) { runtimetest.EachContainerd(t, testRealListAndContainer) }
+
+func testRealListAndContainer(t *testing.T, d *runtimetest.Containerd) {
 	h := runtimetest.Hierarchy(t)
 	rootfs := runtimetest.Rootfs(t, d.Dir())
 	p := runtimetest.NewPod(t, d, "", "default", "web")
@@ -116,8 +120,9 @@ func TestRealListAndContainer(t *testing.T) {
 
 // TestRealWatch follows a pod container through its lifecycle in a
 // private containerd, checking each event and how soon it came.
-func TestRealWatch(t *testing.T) {
-	d := runtimetest.StartContainerd(t)
+func TestRealWatch(t *testing.T) { runtimetest.EachContainerd(t, testRealWatch) }
+
+func testRealWatch(t *testing.T, d *runtimetest.Containerd) {
 	h := runtimetest.Hierarchy(t)
 	rootfs := runtimetest.Rootfs(t, d.Dir())
 	p := runtimetest.NewPod(t, d, "", "default", "web")
@@ -239,8 +244,9 @@ func TestRealWatch(t *testing.T) {
 // TestRealWatchReconnect kills containerd under a running Watch, which
 // must return an error, restarts it on the same directories, and checks
 // that Watch, called again as the caller's backoff would, gets events.
-func TestRealWatchReconnect(t *testing.T) {
-	d := runtimetest.StartContainerd(t)
+func TestRealWatchReconnect(t *testing.T) { runtimetest.EachContainerd(t, testRealWatchReconnect) }
+
+func testRealWatchReconnect(t *testing.T, d *runtimetest.Containerd) {
 	h := runtimetest.Hierarchy(t)
 	rootfs := runtimetest.Rootfs(t, d.Dir())
 	p := runtimetest.NewPod(t, d, "", "default", "web")

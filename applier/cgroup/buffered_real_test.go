@@ -57,7 +57,7 @@ func TestRealV1BufferedWrites(t *testing.T) {
 			// What the process left dirty is written back now, from
 			// outside the cgroup, before the charged bytes are read.
 			syscall.Sync()
-			charged := writeBytes(t, h, dir, dev)
+			charged := ioStat(t, h, dir, dev).WriteBytes
 			t.Logf("4 MiB at write-bps=1Mi: %s, %d KiB charged to the cgroup", took.Round(time.Millisecond), charged>>10)
 			if tc.held {
 				if took < held*8/10 {
@@ -85,9 +85,9 @@ func TestRealV1BufferedWrites(t *testing.T) {
 		}
 		count := fmt.Sprintf("count=%d", n)
 		direct := runInCgroup(t, dir, "dd if=/dev/zero of=$1 bs=4k oflag=direct status=none "+count, file("iops-direct"))
-		ios0 := writeIOs(t, h, dir, dev)
+		ios0 := ioStat(t, h, dir, dev).WriteIOs
 		buffered := runInCgroup(t, dir, "dd if=/dev/zero of=$1 bs=4k conv=fsync status=none "+count, file("iops-buffered"))
-		ios := writeIOs(t, h, dir, dev) - ios0
+		ios := ioStat(t, h, dir, dev).WriteIOs - ios0
 		t.Logf("%d × 4 KiB at write-iops=%d: O_DIRECT %s; buffered + fsync %s, %d write IOs charged", n, iops, direct.Round(time.Millisecond), buffered.Round(time.Millisecond), ios)
 		if direct < 3*time.Second {
 			t.Errorf("O_DIRECT took %s, want about 4 s", direct)
@@ -98,22 +98,12 @@ func TestRealV1BufferedWrites(t *testing.T) {
 	})
 }
 
-// writeBytes returns the bytes the cgroup wrote to dev.
-func writeBytes(t *testing.T, h *Hierarchy, dir string, dev device.Device) uint64 {
+// ioStat returns the cgroup's IO counters on dev.
+func ioStat(t *testing.T, h *Hierarchy, dir string, dev device.Device) IOStat {
 	t.Helper()
 	st, err := h.Stats(dir, []device.Device{dev})
 	if err != nil {
 		t.Fatal(err)
 	}
-	return st[dev].WriteBytes
-}
-
-// writeIOs returns the write IOs the cgroup completed on dev.
-func writeIOs(t *testing.T, h *Hierarchy, dir string, dev device.Device) uint64 {
-	t.Helper()
-	st, err := h.Stats(dir, []device.Device{dev})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return st[dev].WriteIOs
+	return st[dev]
 }

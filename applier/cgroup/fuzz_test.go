@@ -62,24 +62,18 @@ func FuzzParseProcCgroup(f *testing.F) {
 // Throttle.V1Line, parse to the same limits.
 func FuzzParseV1File(f *testing.F) {
 	f.Fuzz(func(t *testing.T, content string) {
-		got, err := ParseV1File(content)
-		if err != nil {
-			checkNamesALine(t, err, content)
-			return
-		}
-		var b strings.Builder
-		for _, d := range sortedDevices(got) {
-			if got[d] == limits.Unlimited {
-				t.Fatalf("ParseV1File(%q) keeps an unlimited %s", content, d)
+		checkRoundTrip(t, content, ParseV1File, func(got map[device.Device]uint64) string {
+			var b strings.Builder
+			for _, d := range sortedDevices(got) {
+				if got[d] == limits.Unlimited {
+					t.Fatalf("ParseV1File(%q) keeps an unlimited %s", content, d)
+				}
+				l := limits.Limits{}
+				l.Set(limits.ReadIOPS, got[d])
+				fmt.Fprintln(&b, Throttle{Device: d, Limits: l}.V1Line(limits.ReadIOPS))
 			}
-			l := limits.Limits{}
-			l.Set(limits.ReadIOPS, got[d])
-			fmt.Fprintln(&b, Throttle{Device: d, Limits: l}.V1Line(limits.ReadIOPS))
-		}
-		back, err := ParseV1File(b.String())
-		if err != nil || !maps.Equal(back, got) {
-			t.Fatalf("ParseV1File(%q) = %v, rendered %q, parsed again to %v, %v", content, got, b.String(), back, err)
-		}
+			return b.String()
+		})
 	})
 }
 
@@ -87,43 +81,35 @@ func FuzzParseV1File(f *testing.F) {
 // Throttle.V2Line, parse to the same limits.
 func FuzzParseIOMax(f *testing.F) {
 	f.Fuzz(func(t *testing.T, content string) {
-		got, err := ParseIOMax(content)
-		if err != nil {
-			checkNamesALine(t, err, content)
-			return
-		}
-		var b strings.Builder
-		for _, d := range sortedDevices(got) {
-			if got[d].IsUnlimited() {
-				t.Fatalf("ParseIOMax(%q) keeps an unlimited %s", content, d)
+		checkRoundTrip(t, content, ParseIOMax, func(got map[device.Device]limits.Limits) string {
+			var b strings.Builder
+			for _, d := range sortedDevices(got) {
+				if got[d].IsUnlimited() {
+					t.Fatalf("ParseIOMax(%q) keeps an unlimited %s", content, d)
+				}
+				fmt.Fprintln(&b, Throttle{Device: d, Limits: got[d]}.V2Line())
 			}
-			fmt.Fprintln(&b, Throttle{Device: d, Limits: got[d]}.V2Line())
-		}
-		back, err := ParseIOMax(b.String())
-		if err != nil || !maps.Equal(back, got) {
-			t.Fatalf("ParseIOMax(%q) = %v, rendered %q, parsed again to %v, %v", content, got, b.String(), back, err)
-		}
+			return b.String()
+		})
 	})
 }
 
 // FuzzParseIOStat: the counters of a v2 io.stat file, rendered as the
 // kernel writes them, parse to the same counters.
 func FuzzParseIOStat(f *testing.F) {
-	f.Fuzz(func(t *testing.T, content string) {
+	parse := func(content string) (map[device.Device]IOStat, error) {
 		got := map[device.Device]IOStat{}
-		if err := parseIOStat(content, got); err != nil {
-			checkNamesALine(t, err, content)
-			return
-		}
-		var b strings.Builder
-		for _, d := range sortedDevices(got) {
-			s := got[d]
-			fmt.Fprintf(&b, "%s rbytes=%d wbytes=%d rios=%d wios=%d dbytes=0 dios=0\n", d, s.ReadBytes, s.WriteBytes, s.ReadIOs, s.WriteIOs)
-		}
-		back := map[device.Device]IOStat{}
-		if err := parseIOStat(b.String(), back); err != nil || !reflect.DeepEqual(back, got) {
-			t.Fatalf("parseIOStat(%q) = %v, rendered %q, parsed again to %v, %v", content, got, b.String(), back, err)
-		}
+		return got, parseIOStat(content, got)
+	}
+	f.Fuzz(func(t *testing.T, content string) {
+		checkRoundTrip(t, content, parse, func(got map[device.Device]IOStat) string {
+			var b strings.Builder
+			for _, d := range sortedDevices(got) {
+				s := got[d]
+				fmt.Fprintf(&b, "%s rbytes=%d wbytes=%d rios=%d wios=%d dbytes=0 dios=0\n", d, s.ReadBytes, s.WriteBytes, s.ReadIOs, s.WriteIOs)
+			}
+			return b.String()
+		})
 	})
 }
 
@@ -132,24 +118,33 @@ func FuzzParseIOStat(f *testing.F) {
 // same counters.
 func FuzzParseV1Stat(f *testing.F) {
 	f.Fuzz(func(t *testing.T, content string) {
-		got, err := parseV1Stat(content)
-		if err != nil {
-			checkNamesALine(t, err, content)
-			return
-		}
-		var b strings.Builder
-		var total uint64
-		for _, d := range sortedDevices(got) {
-			c := got[d]
-			fmt.Fprintf(&b, "%s Read %d\n%s Write %d\n%s Sync 0\n%s Async 0\n%s Discard 0\n%s Total %d\n", d, c.read, d, c.write, d, d, d, d, c.read+c.write)
-			total += c.read + c.write
-		}
-		fmt.Fprintf(&b, "Total %d\n", total)
-		back, err := parseV1Stat(b.String())
-		if err != nil || !maps.Equal(back, got) {
-			t.Fatalf("parseV1Stat(%q) = %v, rendered %q, parsed again to %v, %v", content, got, b.String(), back, err)
-		}
+		checkRoundTrip(t, content, parseV1Stat, func(got map[device.Device]readWrite) string {
+			var b strings.Builder
+			var total uint64
+			for _, d := range sortedDevices(got) {
+				c := got[d]
+				fmt.Fprintf(&b, "%s Read %d\n%s Write %d\n%s Sync 0\n%s Async 0\n%s Discard 0\n%s Total %d\n", d, c.read, d, c.write, d, d, d, d, c.read+c.write)
+				total += c.read + c.write
+			}
+			fmt.Fprintf(&b, "Total %d\n", total)
+			return b.String()
+		})
 	})
+}
+
+// checkRoundTrip parses content: a rejection must quote the line it
+// rejects; what parses, rendered, must parse to the same value.
+func checkRoundTrip[M any](t *testing.T, content string, parse func(string) (M, error), render func(M) string) {
+	t.Helper()
+	got, err := parse(content)
+	if err != nil {
+		checkNamesALine(t, err, content)
+		return
+	}
+	text := render(got)
+	if back, err := parse(text); err != nil || !reflect.DeepEqual(back, got) {
+		t.Fatalf("%q parsed to %v, rendered %q, parsed again to %v, %v", content, got, text, back, err)
+	}
 }
 
 func sortedDevices[V any](m map[device.Device]V) []device.Device {

@@ -141,8 +141,12 @@ type runner[T testing.TB] interface {
 // EachContainerd runs f in a subtest per containerd of Containerds, named
 // by it ("containerd-1.6.20"), with that containerd started privately; a
 // containerd that is missing skips its subtest, or fails it under CI=true.
+// The test holds the host lock across them, so that no other test takes
+// the host between the two.
 func EachContainerd[T runner[T]](t T, f func(t T, d *Containerd)) {
 	t.Helper()
+	realtest.Root(t)
+	lockOnce(t)
 	for _, b := range Containerds() {
 		t.Run(b.Name, func(t T) { f(t, b.Start(t)) })
 	}

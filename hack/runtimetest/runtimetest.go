@@ -48,18 +48,24 @@ const (
 	stopTimeout  = 15 * time.Second
 )
 
-// locked records the tests that hold the lock, so that a test that starts
-// two daemons does not wait for itself.
+// locked records (by name) the tests that hold the lock, so that a test
+// that starts two daemons, or a subtest of a test that holds it, does not
+// wait for itself.
 var (
 	lockedMu sync.Mutex
-	locked   = map[testing.TB]bool{}
+	locked   = map[string]bool{}
 )
 
 func lockOnce(t testing.TB) {
 	t.Helper()
 	lockedMu.Lock()
-	held := locked[t]
-	locked[t] = true
+	held := false
+	for name := range locked {
+		held = held || t.Name() == name || strings.HasPrefix(t.Name(), name+"/")
+	}
+	if !held {
+		locked[t.Name()] = true
+	}
 	lockedMu.Unlock()
 	if held {
 		return
@@ -67,7 +73,7 @@ func lockOnce(t testing.TB) {
 	realtest.HostLock(t)
 	t.Cleanup(func() {
 		lockedMu.Lock()
-		delete(locked, t)
+		delete(locked, t.Name())
 		lockedMu.Unlock()
 	})
 }

@@ -24,7 +24,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -48,34 +47,19 @@ const (
 	stopTimeout  = 15 * time.Second
 )
 
-// locked records (by name) the tests that hold the lock, so that a test
-// that starts two daemons, or a subtest of a test that holds it, does not
-// wait for itself.
-var (
-	lockedMu sync.Mutex
-	locked   = map[string]bool{}
-)
-
+// lockOnce holds the host lock from the first test of the process that
+// starts a daemon until the process exits (realtest.HoldHostLock): a
+// package's runtime tests and benchmarks then run one after the other
+// without waiting for other packages' tests between each.
 func lockOnce(t testing.TB) {
 	t.Helper()
-	lockedMu.Lock()
-	held := false
-	for name := range locked {
-		held = held || t.Name() == name || strings.HasPrefix(t.Name(), name+"/")
+	start := time.Now()
+	if err := realtest.HoldHostLock(); err != nil {
+		t.Fatal(err)
 	}
-	if !held {
-		locked[t.Name()] = true
+	if d := time.Since(start); d > time.Second {
+		t.Logf("waited %s for other tests using the host's runtimes and cgroups", d.Round(time.Millisecond))
 	}
-	lockedMu.Unlock()
-	if held {
-		return
-	}
-	realtest.HostLock(t)
-	t.Cleanup(func() {
-		lockedMu.Lock()
-		delete(locked, t.Name())
-		lockedMu.Unlock()
-	})
 }
 
 // Hierarchy returns the host's cgroup hierarchy of the block IO controller.

@@ -5,7 +5,9 @@
 package realtest
 
 import (
+	"fmt"
 	"os"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -40,6 +42,26 @@ func Root(t testing.TB) {
 // go test runs in parallel, from using the host's shared resources at once:
 // container runtimes, the kubepods cgroups, a kubelet.
 const hostLockPath = "/tmp/kubediskguard-host.lock"
+
+// HoldHostLock waits until no other process holds the host lock, and holds
+// it until this process exits: for test packages whose tests use the host
+// one after the other, so that another package's tests do not take it
+// between each of them (every wait for the lock can be minutes).
+var HoldHostLock = sync.OnceValue(func() error {
+	f, err := os.OpenFile(hostLockPath, os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return err
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil {
+		f.Close()
+		return fmt.Errorf("locking %s: %w", hostLockPath, err)
+	}
+	heldByProcess = f // never closed: the kernel releases it at exit
+	return nil
+})
+
+// heldByProcess keeps the file HoldHostLock locked open.
+var heldByProcess *os.File
 
 // HostLock waits until no other test holds the host lock, and holds it
 // until the test ends.

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -57,16 +58,24 @@ var HoldHostLock = sync.OnceValue(func() error {
 		return fmt.Errorf("locking %s: %w", hostLockPath, err)
 	}
 	heldByProcess = f // never closed: the kernel releases it at exit
+	processHolds.Store(true)
 	return nil
 })
 
-// heldByProcess keeps the file HoldHostLock locked open.
-var heldByProcess *os.File
+// heldByProcess keeps the file HoldHostLock locked open; processHolds says
+// it is held, for HostLock.
+var (
+	heldByProcess *os.File
+	processHolds  atomic.Bool
+)
 
 // HostLock waits until no other test holds the host lock, and holds it
-// until the test ends.
+// until the test ends (at once when this process holds it: HoldHostLock).
 func HostLock(t testing.TB) {
 	t.Helper()
+	if processHolds.Load() {
+		return
+	}
 	f, err := os.OpenFile(hostLockPath, os.O_CREATE|os.O_RDWR, 0o600)
 	if err != nil {
 		t.Fatal(err)

@@ -123,8 +123,8 @@ func (b *ContainerdBuild) identify() {
 	b.Version, b.Name = v, "containerd-"+v
 }
 
-// major returns the major version, 1 when unknown.
-func (b ContainerdBuild) major() int {
+// Major returns the major version, 1 when unknown.
+func (b ContainerdBuild) Major() int {
 	maj, _, _ := strings.Cut(b.Version, ".")
 	if n, err := strconv.Atoi(maj); err == nil {
 		return n
@@ -225,7 +225,7 @@ func newContainerd(b ContainerdBuild, dir string) (*Containerd, error) {
 	// 2.x, no NRI (it would listen on /var/run/nri); the opt plugin's
 	// directory is private (it defaults to /opt/containerd).
 	version, disabled, opt := 2, `"io.containerd.grpc.v1.cri"`, `"io.containerd.internal.v1.opt"`
-	if b.major() >= 2 {
+	if b.Major() >= 2 {
 		version = 3
 		disabled = `"io.containerd.grpc.v1.cri", "io.containerd.cri.v1.images", "io.containerd.cri.v1.runtime", "io.containerd.podsandbox.controller.v1.podsandbox", "io.containerd.nri.v1.nri"`
 	}

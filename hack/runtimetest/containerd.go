@@ -365,7 +365,8 @@ func (d *Containerd) NewContainer(t testing.TB, spec ContainerSpec) *Container {
 // removeContainers kills and deletes the tasks and containers of every
 // namespace.
 func (d *Containerd) removeContainers() error {
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	// 200 containers take over 30 s to remove on a busy 2-core machine.
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	nss, err := d.Client.NamespaceService().List(ctx)
 	if err != nil {

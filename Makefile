@@ -103,9 +103,9 @@ bench-load:
 bench-policy: test-bins
 	$(GO) test -run '^$$' -bench BenchmarkPolicy -benchtime 1x -timeout 10m ./webhook/app/
 
-## bench-applier: reaction to 100 container starts and startup with 200 containers on real containerd (root)
+## bench-applier: reaction to 100 container starts and startup with 200 containers on real containerd, 1.6 and 2.x in the same run (root)
 bench-applier: host-deps test-bins
-	$(GO) test -run '^$$' -bench . -benchtime 1x -v -timeout 15m ./applier/app/
+	$(GO) test -run '^$$' -bench . -benchtime 1x -v -timeout 30m ./applier/app/
 
 ## fuzz: run each fuzz target for FUZZTIME (default 30s)
 FUZZTIME ?= 30s
@@ -114,6 +114,13 @@ fuzz:
 	$(GO) test -run '^$$' -fuzz FuzzResolvedRoundTrip -fuzztime $(FUZZTIME) ./shared/limits
 	$(GO) test -run '^$$' -fuzz FuzzParseContainerValue -fuzztime $(FUZZTIME) ./webhook/resolve
 	$(GO) test -run '^$$' -fuzz FuzzHandle -fuzztime $(FUZZTIME) ./webhook/mutate
+	$(GO) test -run '^$$' -fuzz FuzzParseMountInfo -fuzztime $(FUZZTIME) ./applier/device
+	$(GO) test -run '^$$' -fuzz FuzzParseDevice -fuzztime $(FUZZTIME) ./applier/device
+	$(GO) test -run '^$$' -fuzz FuzzParseProcCgroup -fuzztime $(FUZZTIME) ./applier/cgroup
+	$(GO) test -run '^$$' -fuzz FuzzParseV1File -fuzztime $(FUZZTIME) ./applier/cgroup
+	$(GO) test -run '^$$' -fuzz FuzzParseIOMax -fuzztime $(FUZZTIME) ./applier/cgroup
+	$(GO) test -run '^$$' -fuzz FuzzParseIOStat -fuzztime $(FUZZTIME) ./applier/cgroup
+	$(GO) test -run '^$$' -fuzz FuzzParseV1Stat -fuzztime $(FUZZTIME) ./applier/cgroup
 
 ## demo: the end-to-end story on a local single-node cluster: a namespace opts
 ## in, fio in a pod is held to its limit (and not in a namespace that did not

@@ -300,6 +300,25 @@ func (a *applier) scrape(t testing.TB) map[string]float64 {
 	return out
 }
 
+// fullReconciles counts the applier's full passes by trigger.
+const fullReconciles = "kubediskguard_applier_full_reconciles_total"
+
+// noPeriodicPass fails the test if the applier's periodic full pass
+// (CHECK_INTERVAL) ran: what the test proved must have come from events,
+// the start or a reconnect.
+func (a *applier) noPeriodicPass(t testing.TB) {
+	t.Helper()
+	m := a.scrape(t)
+	if _, ok := m[fullReconciles+`{trigger="interval"}`]; !ok {
+		t.Fatalf("no %s{trigger=\"interval\"} sample", fullReconciles)
+	}
+	if v := sample(m, fullReconciles, "trigger", "interval"); v != 0 {
+		t.Errorf("%s{trigger=interval} = %v: the periodic full pass ran, and may have done what the test credits to events", fullReconciles, v)
+	}
+	t.Logf("full passes: start %v, reconnect %v, interval %v", sample(m, fullReconciles, "trigger", "start"),
+		sample(m, fullReconciles, "trigger", "reconnect"), sample(m, fullReconciles, "trigger", "interval"))
+}
+
 func httpGet(url string) (int, string) {
 	c := http.Client{Timeout: 5 * time.Second}
 	resp, err := c.Get(url)

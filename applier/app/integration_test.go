@@ -2,11 +2,15 @@ package app_test
 
 // Integration tests: the applier, run by app.Run exactly as the binary runs
 // it, against a real kube-apiserver and etcd (envtest), a private containerd
-// or dockerd, and the kernel's blkio throttle on the disk holding /var/tmp.
-// Pods are made through the API with the resolved annotation already
-// stamped (the webhook is proven in webhook/app); containers are made as
-// the kubelet would make them, and start doing 4 KiB direct IO at once.
-// Rates are measured from the containers' own cgroup counters.
+// (each of runtimetest.Containerds: Debian's 1.6 and 2.x, as subtests named
+// by version) or dockerd, and the kernel's blkio throttle on the disk
+// holding /var/tmp. Pods are made through the API with the resolved
+// annotation already stamped (the webhook is proven in webhook/app);
+// containers are made as the kubelet would make them, and start doing 4 KiB
+// direct IO at once. Rates are measured from the containers' own cgroup
+// counters. The applier's periodic full pass is set far beyond every wait
+// (noInterval), and each test checks that it never ran: what a test proves
+// came from events, the start or a reconnect.
 
 import (
 	"context"
@@ -34,6 +38,10 @@ const (
 	burst = 500 * time.Millisecond
 	// tolerance is how far above its limit a measured rate may be.
 	tolerance = 1.05
+	// noInterval is CHECK_INTERVAL in the tests of events, the start and
+	// reconnects: an hour, far beyond their waits, so that the periodic
+	// full pass can mask none of them (noPeriodicPass checks it did not run).
+	noInterval = "3600"
 )
 
 // containerdArgs are the applier's settings for a private containerd.
@@ -55,8 +63,11 @@ func containerdArgs(d *runtimetest.Containerd, interval string) []string {
 // live, restarts its task and replaces its container as the kubelet would,
 // and removes the entries.
 func TestContainerdThrottle(t *testing.T) {
+	runtimetest.EachContainerd(t, testContainerdThrottle)
+}
+
+func testContainerdThrottle(t *testing.T, d *runtimetest.Containerd) {
 	p := controlPlane(t)
-	d := runtimetest.StartContainerd(t)
 	dk := newDisk(t)
 	rootfs := runtimetest.Rootfs(t, d.Dir())
 	ns := p.namespace(t)
@@ -65,7 +76,7 @@ func TestContainerdThrottle(t *testing.T) {
 	}
 	dk.file(t, "writer", 16<<20)
 
-	a := startApplier(t, p, append(containerdArgs(d, "2"), "--data-devices", dk.dev.String())...)
+	a := startApplier(t, p, append(containerdArgs(d, noInterval), "--data-devices", dk.dev.String())...)
 	t.Logf("applier ready in %s", a.waitReady(t, 30*time.Second).Round(time.Millisecond))
 
 	reader := onNode(t, d, p.createPod(t, ns, "reader", limits.Resolved{"app": {ReadIOPS: 100}}, "app"))
@@ -206,22 +217,27 @@ func TestContainerdThrottle(t *testing.T) {
 			t.Errorf("kubediskguard_applier_container_limit of reader/app read-iops = %v, want 0", v)
 		}
 	})
+	a.noPeriodicPass(t)
 	a.alive(t)
 }
 
 // TestContainerdReconnect limits the data disk found from --data-mount, and
 // shows that containers the applier cannot have seen the events of get
-// their limits: one started before the applier, and ones started right
-// after containerd was killed and restarted, while the applier's event
-// stream was still down.
+// their limits: one started before the applier (the start's full pass),
+// and ones started after containerd was killed and restarted, while the
+// applier's event stream was still down (the reconnect's full pass). The
+// containers start inside a window that the applier's backoff leaves
+// (after its sixth failed attempt the next is 6.4 s away), and none of
+// them may be limited through a start event or the periodic pass.
 func TestContainerdReconnect(t *testing.T) {
+	runtimetest.EachContainerd(t, testContainerdReconnect)
+}
+
+func testContainerdReconnect(t *testing.T, d *runtimetest.Containerd) {
 	p := controlPlane(t)
-	d := runtimetest.StartContainerd(t)
 	dk := newDisk(t)
 	rootfs := runtimetest.Rootfs(t, d.Dir())
 	ns := p.namespace(t)
-	const interval = 2 * time.Second
-	margin := interval + 2*time.Second
 
 	want := func(i int) limits.Limits { return limits.Limits{ReadIOPS: uint64(300 + i), WriteIOPS: uint64(400 + i)} }
 	var pods []kpod
@@ -236,27 +252,54 @@ func TestContainerdReconnect(t *testing.T) {
 	}
 
 	before := run(t, d, dk, rootfs, pods[0], "app", nil, true)
-	a := startApplier(t, p, append(containerdArgs(d, "2"), "--data-mount", dk.dir, "--data-allow-root-disk")...) // a directory on the root disk
-	t.Logf("container started before the applier limited %s after the applier started", wait(before, 0, margin).Round(time.Millisecond))
+	a := startApplier(t, p, append(containerdArgs(d, noInterval), "--data-mount", dk.dir, "--data-allow-root-disk")...) // a directory on the root disk
+	t.Logf("container started before the applier limited %s after the applier started", wait(before, 0, 10*time.Second).Round(time.Millisecond))
+	a.waitReady(t, 10*time.Second)
+	m := a.scrape(t)
+	if v := sample(m, fullReconciles, "trigger", "start"); v < 1 {
+		t.Errorf("%s{trigger=start} = %v, want ≥ 1", fullReconciles, v)
+	}
+	disconnects0 := sample(m, "kubediskguard_applier_runtime_disconnects_total")
 
 	d.Kill(t)
-	time.Sleep(1500 * time.Millisecond) // the applier's stream backs off
-	a.alive(t)
+	killed := time.Now()
+	// The stream breaks, then reconnects fail after 0.2, 0.6, 1.4, 3 and
+	// 6.2 s; the next attempt is 6.4 s after the sixth failure.
+	eventually(t, 20*time.Second, func() error {
+		a.alive(t)
+		if n := sample(a.scrape(t), "kubediskguard_applier_runtime_disconnects_total") - disconnects0; n < 6 {
+			return fmt.Errorf("%v failures of the runtime's event stream, want 6", n)
+		}
+		return nil
+	})
+	sixth := time.Now()
+	t.Logf("sixth failure of the event stream %s after containerd was killed", sixth.Sub(killed).Round(time.Millisecond))
+	latency0 := sample(a.scrape(t), "kubediskguard_applier_apply_latency_seconds_count")
 	d.Start(t)
 	restarted := time.Now()
 	var after []ctrContainer
 	for i := 1; i < 4; i++ {
 		after = append(after, run(t, d, dk, rootfs, pods[i], "app", nil, true))
 	}
+	made := time.Since(sixth)
+	t.Logf("containerd restarted and 3 containers started %s after the sixth failure", made.Round(time.Millisecond))
+	if made > 6*time.Second {
+		t.Fatalf("containerd restarted and 3 containers started %s after the sixth failure: the applier may have reconnected before, the test proves nothing", made)
+	}
 	for i, c := range after {
-		wait(c, i+1, margin)
+		wait(c, i+1, 20*time.Second)
 		t.Logf("container %d started after the restart limited %s after containerd came back", i+1, time.Since(restarted).Round(time.Millisecond))
 	}
 	wait(before, 0, time.Second)
 	a.alive(t)
-	if v := sample(a.scrape(t), "kubediskguard_applier_runtime_disconnects_total"); v < 1 {
-		t.Errorf("kubediskguard_applier_runtime_disconnects_total = %v, want ≥ 1", v)
+	m = a.scrape(t)
+	if v := sample(m, fullReconciles, "trigger", "reconnect"); v < 1 {
+		t.Errorf("%s{trigger=reconnect} = %v, want ≥ 1", fullReconciles, v)
 	}
+	if v := sample(m, "kubediskguard_applier_apply_latency_seconds_count"); v != latency0 {
+		t.Errorf("kubediskguard_applier_apply_latency_seconds_count went from %v to %v: containers started while the stream was down were limited from start events", latency0, v)
+	}
+	a.noPeriodicPass(t)
 	if code, body := httpGet("http://" + a.probe + "/readyz"); code != 200 {
 		t.Errorf("/readyz after the reconnect: %d %s", code, body)
 	}
@@ -274,7 +317,7 @@ func TestDockerThrottle(t *testing.T) {
 
 	a := startApplier(t, p,
 		"--container-runtime", "docker", "--container-socket-path", d.Host,
-		"--cgroup-root", "/sys/fs/cgroup", "--proc-root", "/proc", "--check-interval", "2",
+		"--cgroup-root", "/sys/fs/cgroup", "--proc-root", "/proc", "--check-interval", noInterval,
 		"--data-devices", dk.dev.String())
 	a.waitReady(t, 30*time.Second)
 
@@ -316,6 +359,7 @@ func TestDockerThrottle(t *testing.T) {
 		}
 		return nil
 	})
+	a.noPeriodicPass(t)
 }
 
 // TestBadSettings: a setting that cannot work stops app.Run at once, with

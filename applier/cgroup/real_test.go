@@ -71,15 +71,22 @@ func newRealCgroup(t *testing.T, parent string) string {
 // first instruction on, and returns the IO rate it got.
 func ddInCgroup(t *testing.T, dir string, args ...string) float64 {
 	t.Helper()
-	script := `echo $$ > "$1" && shift && exec dd status=none bs=4k "$@"`
-	cmd := exec.Command("sh", append([]string{"-c", script, "sh", filepath.Join(dir, "cgroup.procs")}, args...)...)
+	return ioCount / runInCgroup(t, dir, `exec dd status=none bs=4k "$@"`, args...).Seconds()
+}
+
+// runInCgroup runs sh -c script with args ($1...) in the cgroup dir from
+// its first instruction on, and returns how long it took.
+func runInCgroup(t *testing.T, dir, script string, args ...string) time.Duration {
+	t.Helper()
+	// $0 is the cgroup's procs file.
+	cmd := exec.Command("sh", append([]string{"-c", `echo $$ > "$0" && ` + script, filepath.Join(dir, "cgroup.procs")}, args...)...)
 	start := time.Now()
 	out, err := cmd.CombinedOutput()
 	elapsed := time.Since(start)
 	if err != nil {
 		t.Fatalf("%s: %v\n%s", cmd, err, out)
 	}
-	return ioCount / elapsed.Seconds()
+	return elapsed
 }
 
 // TestRealBlkioThrottle sets IOPS limits through Apply on a private cgroup of

@@ -15,6 +15,7 @@ type Metrics struct {
 	latency                                 prometheus.Histogram
 	limit                                   *prometheus.GaugeVec
 	dataDevices, unstamped                  prometheus.Gauge
+	full                                    *prometheus.CounterVec
 }
 
 var containerLabels = []string{"namespace", "pod", "container"}
@@ -55,8 +56,15 @@ func NewMetrics(reg prometheus.Registerer) (*Metrics, error) {
 			Name: "kubediskguard_applier_container_limit",
 			Help: "Configured limit of a container per dimension (read-iops, write-iops in IO/s; read-bps, write-bps in bytes/s); 0 is unlimited.",
 		}, append(containerLabels[:3:3], "dimension")),
+		full: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "kubediskguard_applier_full_reconciles_total",
+			Help: "Full reconciles (every container listed from the runtime) completed, by what asked for them: start, reconnect (the runtime's event stream opened again), interval (CHECK_INTERVAL). One pass asked for by several counts for each.",
+		}, []string{"trigger"}),
 	}
-	for _, c := range []prometheus.Collector{m.applied, m.failed, m.disconnects, m.capFailed, m.dataDevices, m.unstamped, m.latency, m.limit} {
+	for _, t := range []Trigger{TriggerStart, TriggerReconnect, TriggerInterval, TriggerDisk} {
+		m.full.WithLabelValues(string(t)) // 0 until it happens
+	}
+	for _, c := range []prometheus.Collector{m.applied, m.failed, m.disconnects, m.capFailed, m.dataDevices, m.unstamped, m.latency, m.limit, m.full} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}
@@ -100,6 +108,15 @@ func (m *Metrics) setDataDevices(n int) {
 func (m *Metrics) runtimeDisconnect() {
 	if m != nil {
 		m.disconnects.Inc()
+	}
+}
+
+func (m *Metrics) fullReconciled(triggers map[Trigger]bool) {
+	if m == nil {
+		return
+	}
+	for t := range triggers {
+		m.full.WithLabelValues(string(t)).Inc()
 	}
 }
 

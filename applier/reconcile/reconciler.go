@@ -12,6 +12,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -97,6 +98,7 @@ type Reconciler struct {
 	diskKnown  bool                       // the disk was resolved at least once
 	retired    map[device.Device]bool     // devices that were the data disk: their limits are cleared
 	capErr     string                     // the node cap's last write error, reported once
+	fullWhy    map[Trigger]bool           // what asked for the full reconcile queued now
 
 	synced   atomic.Bool // a full reconcile has completed
 	progress progress    // what the workers are doing, for Healthy
@@ -122,7 +124,33 @@ func New(cfg Config) *Reconciler {
 		invalid:    map[string]string{},
 		retired:    map[device.Device]bool{},
 		progress:   progress{busy: map[int]busyItem{}},
+		fullWhy:    map[Trigger]bool{},
 	}
+}
+
+// Trigger is what asked for a full reconcile, as the metric
+// kubediskguard_applier_full_reconciles_total counts them.
+type Trigger string
+
+const (
+	// TriggerStart is the runtime's first event stream, at the start.
+	TriggerStart Trigger = "start"
+	// TriggerReconnect is the runtime's event stream opened again after it
+	// broke.
+	TriggerReconnect Trigger = "reconnect"
+	// TriggerInterval is the periodic pass, every Interval.
+	TriggerInterval Trigger = "interval"
+	// TriggerDisk is the data disk changed (the mount watch).
+	TriggerDisk Trigger = "disk"
+)
+
+// requestFull queues a full reconcile for trigger; the triggers that ask
+// before it runs share it.
+func (r *Reconciler) requestFull(trigger Trigger) {
+	r.mu.Lock()
+	r.fullWhy[trigger] = true
+	r.mu.Unlock()
+	r.queue.Add(fullKey)
 }
 
 // Synced reports whether a full reconcile has completed.
@@ -169,14 +197,24 @@ func (r *Reconciler) PodChanged(uid string) {
 	}
 }
 
-// Run reconciles until ctx is done: it watches the runtime (reconnecting
-// with backoff, and reconciling everything after each reconnect), runs a
-// full reconcile every Interval, and works the queue.
+// Run reconciles until ctx is done: it watches the runtime (reconciling
+// everything once the event stream is open, and again after each
+// reconnect), runs a full reconcile every Interval after the start, and
+// works the queue.
 func (r *Reconciler) Run(ctx context.Context) {
 	var wg sync.WaitGroup
 	wg.Go(func() { r.watch(ctx) })
 	wg.Go(func() {
-		wait.Until(func() { r.queue.Add(fullKey) }, r.Interval, ctx.Done())
+		tick := time.NewTicker(r.Interval)
+		defer tick.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-tick.C:
+				r.requestFull(TriggerInterval)
+			}
+		}
 	})
 	for w := range workers {
 		wg.Go(func() {
@@ -195,11 +233,13 @@ func (r *Reconciler) Run(ctx context.Context) {
 func (r *Reconciler) watch(ctx context.Context) {
 	backoff := wait.Backoff{Duration: 200 * time.Millisecond, Factor: 2, Jitter: 0.2, Steps: 1 << 30, Cap: 30 * time.Second}
 	delay := backoff
+	trigger := TriggerStart
 	for ctx.Err() == nil {
 		started := time.Now()
 		err := r.Runtime.Watch(ctx, func() {
 			r.Log.V(1).Info("runtime event stream open", "runtime", r.Runtime.Name())
-			r.queue.Add(fullKey)
+			r.requestFull(trigger)
+			trigger = TriggerReconnect
 		}, r.handle)
 		if ctx.Err() != nil {
 			return
@@ -260,7 +300,7 @@ func (r *Reconciler) next(ctx context.Context, w int) bool {
 		err = r.reconcileAll(ctx)
 	case diskKey:
 		if r.refreshDisk() {
-			r.queue.Add(fullKey)
+			r.requestFull(TriggerDisk)
 		}
 	default:
 		err = r.reconcileContainer(ctx, key)
@@ -282,8 +322,15 @@ func (r *Reconciler) next(ctx context.Context, w int) bool {
 // on it.
 func (r *Reconciler) reconcileAll(ctx context.Context) error {
 	r.refreshDisk()
+	r.mu.Lock()
+	why := r.fullWhy
+	r.fullWhy = map[Trigger]bool{}
+	r.mu.Unlock()
 	list, err := r.Runtime.List(ctx)
 	if err != nil {
+		r.mu.Lock()
+		maps.Copy(r.fullWhy, why) // the retry serves them
+		r.mu.Unlock()
 		return fmt.Errorf("listing containers: %w", err)
 	}
 	running := make(map[string]bool, len(list))
@@ -305,6 +352,7 @@ func (r *Reconciler) reconcileAll(ctx context.Context) error {
 	for _, c := range list {
 		r.queue.Add(c.ID)
 	}
+	r.Metrics.fullReconciled(why)
 	r.applyNodeCap()
 	r.synced.Store(true)
 	return nil

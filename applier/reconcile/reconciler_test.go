@@ -319,7 +319,7 @@ func TestReconciler(t *testing.T) {
 		f := newFixture(t)
 		f.pods.set(pod("u1", limits.Resolved{"app": l100}))
 		c := f.container("c1", "u1", "app", 10) // no event
-		f.r.queue.Add(fullKey)                  // what CHECK_INTERVAL does
+		f.r.requestFull(TriggerInterval)        // what CHECK_INTERVAL does
 		f.eventually(c.CgroupDir, l100)
 	})
 

@@ -24,7 +24,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -48,28 +47,19 @@ const (
 	stopTimeout  = 15 * time.Second
 )
 
-// locked records the tests that hold the lock, so that a test that starts
-// two daemons does not wait for itself.
-var (
-	lockedMu sync.Mutex
-	locked   = map[testing.TB]bool{}
-)
-
+// lockOnce holds the host lock from the first test of the process that
+// starts a daemon until the process exits (realtest.HoldHostLock): a
+// package's runtime tests and benchmarks then run one after the other
+// without waiting for other packages' tests between each.
 func lockOnce(t testing.TB) {
 	t.Helper()
-	lockedMu.Lock()
-	held := locked[t]
-	locked[t] = true
-	lockedMu.Unlock()
-	if held {
-		return
+	start := time.Now()
+	if err := realtest.HoldHostLock(); err != nil {
+		t.Fatal(err)
 	}
-	realtest.HostLock(t)
-	t.Cleanup(func() {
-		lockedMu.Lock()
-		delete(locked, t)
-		lockedMu.Unlock()
-	})
+	if d := time.Since(start); d > time.Second {
+		t.Logf("waited %s for other tests using the host's runtimes and cgroups", d.Round(time.Millisecond))
+	}
 }
 
 // Hierarchy returns the host's cgroup hierarchy of the block IO controller.
@@ -109,10 +99,15 @@ func lookBin(name, packages string) (string, error) {
 }
 
 // daemonEnv is the environment of the daemons: they find runc and the
-// shims in PATH, which may lack the sbin directories under go test.
-func daemonEnv() []string {
+// shims in PATH, which may lack the sbin directories under go test; first
+// of all in first, when set.
+func daemonEnv(first string) []string {
 	env := slices.DeleteFunc(os.Environ(), func(kv string) bool { return strings.HasPrefix(kv, "PATH=") })
-	return append(env, "PATH="+os.Getenv("PATH")+":/usr/local/sbin:/usr/sbin:/sbin:/usr/bin:/bin")
+	path := os.Getenv("PATH") + ":/usr/local/sbin:/usr/sbin:/sbin:/usr/bin:/bin"
+	if first != "" {
+		path = first + ":" + path
+	}
+	return append(env, "PATH="+path)
 }
 
 // Rootfs returns a new directory under parent holding a root filesystem
@@ -227,11 +222,14 @@ func (o Options) logf() func(format string, args ...any) {
 
 // daemon is a daemon process started by a test or a tool.
 type daemon struct {
-	name   string
-	dir    string // everything of the daemon is below it, but a data root
-	log    string
-	cmd    *exec.Cmd
-	exited chan struct{}
+	name string
+	dir  string // everything of the daemon is below it, but a data root
+	// pathDir, when set, comes first in the daemon's PATH (where a
+	// containerd finds its shim).
+	pathDir string
+	log     string
+	cmd     *exec.Cmd
+	exited  chan struct{}
 	// cgroups are removed after the daemon stopped; see CleanupCgroups.
 	cgroups []string
 	// mountDirs are the directories besides dir whose mounts are removed
@@ -306,7 +304,7 @@ func (d *daemon) start(bin string, args ...string) error {
 	}
 	defer logf.Close()
 	cmd := exec.Command(bin, args...)
-	cmd.Env = daemonEnv()
+	cmd.Env = daemonEnv(d.pathDir)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {

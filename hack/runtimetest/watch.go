@@ -85,6 +85,17 @@ func (w *Watcher) Next(t testing.TB, timeout time.Duration) Stamped {
 	return Stamped{}
 }
 
+// Maybe returns the next event if one comes within d.
+func (w *Watcher) Maybe(t testing.TB, d time.Duration) (Stamped, bool) {
+	t.Helper()
+	select {
+	case ev := <-w.events:
+		return ev, true
+	case <-time.After(d):
+		return Stamped{}, false
+	}
+}
+
 // Quiet fails the test if an event comes within d.
 func (w *Watcher) Quiet(t testing.TB, d time.Duration) {
 	t.Helper()

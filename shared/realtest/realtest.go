@@ -5,7 +5,10 @@
 package realtest
 
 import (
+	"fmt"
 	"os"
+	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -41,10 +44,38 @@ func Root(t testing.TB) {
 // container runtimes, the kubepods cgroups, a kubelet.
 const hostLockPath = "/tmp/kubediskguard-host.lock"
 
+// HoldHostLock waits until no other process holds the host lock, and holds
+// it until this process exits: for test packages whose tests use the host
+// one after the other, so that another package's tests do not take it
+// between each of them (every wait for the lock can be minutes).
+var HoldHostLock = sync.OnceValue(func() error {
+	f, err := os.OpenFile(hostLockPath, os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return err
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX); err != nil {
+		f.Close()
+		return fmt.Errorf("locking %s: %w", hostLockPath, err)
+	}
+	heldByProcess = f // never closed: the kernel releases it at exit
+	processHolds.Store(true)
+	return nil
+})
+
+// heldByProcess keeps the file HoldHostLock locked open; processHolds says
+// it is held, for HostLock.
+var (
+	heldByProcess *os.File
+	processHolds  atomic.Bool
+)
+
 // HostLock waits until no other test holds the host lock, and holds it
-// until the test ends.
+// until the test ends (at once when this process holds it: HoldHostLock).
 func HostLock(t testing.TB) {
 	t.Helper()
+	if processHolds.Load() {
+		return
+	}
 	f, err := os.OpenFile(hostLockPath, os.O_CREATE|os.O_RDWR, 0o600)
 	if err != nil {
 		t.Fatal(err)

@@ -28,13 +28,17 @@ func newRuntime(t *testing.T, d *runtimetest.Containerd, h *cgroup.Hierarchy) *c
 	return rt
 }
 
+// The tests run on each of runtimetest.Containerds (Debian's containerd 1.6
+// and 2.x), as subtests named by version.
+
 // TestRealListAndContainer runs, in a private containerd, a pod's
 // container and sandbox, a container without CRI labels, a created but
 // not started pod container and a labelled container in another
 // namespace, and checks that List and Container see exactly the running
 // pod container, with its pod, PID and cgroup.
-func TestRealListAndContainer(t *testing.T) {
-	d := runtimetest.StartContainerd(t)
+func TestRealListAndContainer(t *testing.T) { runtimetest.EachContainerd(t, testRealListAndContainer) }
+
+func testRealListAndContainer(t *testing.T, d *runtimetest.Containerd) {
 	h := runtimetest.Hierarchy(t)
 	rootfs := runtimetest.Rootfs(t, d.Dir())
 	p := runtimetest.NewPod(t, d, "", "default", "web")
@@ -116,8 +120,9 @@ func TestRealListAndContainer(t *testing.T) {
 
 // TestRealWatch follows a pod container through its lifecycle in a
 // private containerd, checking each event and how soon it came.
-func TestRealWatch(t *testing.T) {
-	d := runtimetest.StartContainerd(t)
+func TestRealWatch(t *testing.T) { runtimetest.EachContainerd(t, testRealWatch) }
+
+func testRealWatch(t *testing.T, d *runtimetest.Containerd) {
 	h := runtimetest.Hierarchy(t)
 	rootfs := runtimetest.Rootfs(t, d.Dir())
 	p := runtimetest.NewPod(t, d, "", "default", "web")
@@ -144,6 +149,14 @@ func TestRealWatch(t *testing.T) {
 
 	cctx := namespaces.WithNamespace(ctx, containerd.DefaultNamespace)
 	var c *runtimetest.Container
+	// containerd 1.6 publishes /tasks/delete when the init task is deleted;
+	// from 2.4.2 it reaches a subscriber only sometimes (seen here: at once
+	// in one run, none within 10 s in another), so on 2.x it may come. The
+	// kill's /tasks/exit is the one the applier needs.
+	deleteTask := []runtime.EventKind{runtime.Exited}
+	if d.Build.Major() >= 2 {
+		deleteTask = nil
+	}
 	steps := []struct {
 		name string
 		do   func()
@@ -200,7 +213,7 @@ func TestRealWatch(t *testing.T) {
 			if _, err := c.Task.Delete(cctx); err != nil {
 				t.Fatal(err)
 			}
-		}, []runtime.EventKind{runtime.Exited}},
+		}, deleteTask},
 		{"delete container", func() {
 			if err := c.Delete(cctx); err != nil {
 				t.Fatal(err)
@@ -224,6 +237,13 @@ func TestRealWatch(t *testing.T) {
 			}
 			t.Logf("%-16s -> %-7s after %s", s.name, ev.Kind, ev.At.Sub(start).Round(time.Microsecond))
 		}
+		if s.want == nil && s.name == "delete task" && d.Build.Major() >= 2 {
+			if ev, ok := w.Maybe(t, time.Second); ok && (ev.Kind != runtime.Exited || ev.ContainerID != c.ID()) {
+				t.Fatalf("%s: got event %s %s, want none or exited %s", s.name, ev.Kind, ev.ContainerID, c.ID())
+			} else {
+				t.Logf("%-16s -> %v (containerd %s)", s.name, map[bool]string{true: "exited", false: "no event within 1s"}[ok], d.Build.Version)
+			}
+		}
 		if s.want == nil {
 			w.Quiet(t, 200*time.Millisecond)
 		}
@@ -239,8 +259,9 @@ func TestRealWatch(t *testing.T) {
 // TestRealWatchReconnect kills containerd under a running Watch, which
 // must return an error, restarts it on the same directories, and checks
 // that Watch, called again as the caller's backoff would, gets events.
-func TestRealWatchReconnect(t *testing.T) {
-	d := runtimetest.StartContainerd(t)
+func TestRealWatchReconnect(t *testing.T) { runtimetest.EachContainerd(t, testRealWatchReconnect) }
+
+func testRealWatchReconnect(t *testing.T, d *runtimetest.Containerd) {
 	h := runtimetest.Hierarchy(t)
 	rootfs := runtimetest.Rootfs(t, d.Dir())
 	p := runtimetest.NewPod(t, d, "", "default", "web")

@@ -363,3 +363,63 @@ func (w testWriter) Write(p []byte) (int, error) {
 	w.t.Log(strings.TrimRight(string(p), "\n"))
 	return len(p), nil
 }
+
+// TestStaleKubepodsRemoved: the empty kubepods trees a kubelet killed with
+// its machine left (no kubelet, no process in them) are removed before Up,
+// and a tree that still holds a process is left for Up to refuse.
+func TestStaleKubepodsRemoved(t *testing.T) {
+	if testing.Short() {
+		t.Skip("makes cgroups on the host; not with -short")
+	}
+	realtest.Root(t)
+	realtest.HostLock(t)
+	ctrls, err := cgroupMounts()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(pidsNamed("kubelet")) != 0 {
+		t.Fatal("a kubelet runs on this machine: stop it (make down) first")
+	}
+	var blkio string
+	for _, c := range ctrls {
+		if filepath.Base(c) == "blkio" {
+			blkio = c
+		}
+		if _, err := os.Stat(filepath.Join(c, "kubepods")); err == nil {
+			t.Fatalf("%s/kubepods exists before the test", c)
+		}
+	}
+	if blkio == "" {
+		t.Fatal("no blkio hierarchy on this host")
+	}
+	kp := filepath.Join(blkio, "kubepods")
+	leaf := filepath.Join(kp, "besteffort", "podstale", "container")
+	t.Cleanup(func() { removeCgroupTree(kp) })
+
+	if err := os.MkdirAll(leaf, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	busy := exec.Command("sleep", "60")
+	if err := busy.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { busy.Process.Kill(); busy.Wait() })
+	if err := os.WriteFile(filepath.Join(leaf, "cgroup.procs"), []byte(fmt.Sprint(busy.Process.Pid)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := removeStaleKubepods(ctrls); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(leaf); err != nil {
+		t.Fatalf("a kubepods tree holding process %d was removed: %v", busy.Process.Pid, err)
+	}
+
+	busy.Process.Kill()
+	busy.Wait()
+	if err := removeStaleKubepods(ctrls); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(kp); !os.IsNotExist(err) {
+		t.Fatalf("the empty kubepods tree %s is still there (%v)", kp, err)
+	}
+}

@@ -98,6 +98,9 @@ func snapshotHost() (*HostState, error) {
 	if err != nil {
 		return nil, err
 	}
+	if err := removeStaleKubepods(ctrls); err != nil {
+		return nil, err
+	}
 	for _, c := range ctrls {
 		kp := filepath.Join(c, "kubepods")
 		if _, err := os.Stat(kp); errors.Is(err, os.ErrNotExist) {
@@ -109,6 +112,34 @@ func snapshotHost() (*HostState, error) {
 	h.NetnsBefore, _ = listDir("/run/netns")
 	h.Iptables = snapshotIptables()
 	return h, nil
+}
+
+// removeStaleKubepods removes the kubepods cgroup trees a kubelet left in
+// the hierarchies ctrls when no kubelet runs on the machine and no process
+// is left in any of them: what a harness killed with the machine (its state
+// dir, and so Down's record, gone with it) leaves behind. With a kubelet
+// running, or a process in a tree, it leaves them: Up then refuses to start.
+func removeStaleKubepods(ctrls []string) error {
+	var trees []string
+	for _, c := range ctrls {
+		kp := filepath.Join(c, "kubepods")
+		if _, err := os.Stat(kp); err != nil {
+			continue
+		}
+		if len(cgroupPIDs(kp)) != 0 {
+			return nil
+		}
+		trees = append(trees, kp)
+	}
+	if len(trees) == 0 || len(pidsNamed("kubelet")) != 0 {
+		return nil
+	}
+	for _, kp := range trees {
+		if err := removeCgroupTree(kp); err != nil {
+			return fmt.Errorf("removing the empty kubepods cgroup %s a dead kubelet left: %w", kp, err)
+		}
+	}
+	return nil
 }
 
 // topmostMissing returns the highest ancestor of p (or p) that does not exist.

@@ -215,7 +215,7 @@ patches:
               - name: applier
                 env:
                   - name: CHECK_INTERVAL
-                    value: "5"
+                    value: "%s"
             volumes:
               - name: containerd
                 hostPath:
@@ -223,7 +223,7 @@ patches:
               - name: data
                 hostPath:
                   path: %s
-`, rel, applierName, systemNS, filepath.Dir(containerdSocket), data)
+`, rel, applierName, systemNS, checkInterval, filepath.Dir(containerdSocket), data)
 	return dir, os.WriteFile(filepath.Join(dir, "kustomization.yaml"), []byte(k), 0o644)
 }
 

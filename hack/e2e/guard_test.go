@@ -48,9 +48,16 @@ type binaries struct {
 	starts   int           // numbers the applier's processes (and logs)
 }
 
+// checkInterval is the applier's CHECK_INTERVAL in the checks (binaries
+// and deployment): an hour, far longer than the whole run, so that its
+// periodic full pass never runs and cannot do what a check credits to the
+// event path (a container's start, a live annotate, a namespace's policy),
+// the full pass at start (a restarted applier) or a reconnect.
+const checkInterval = "3600"
+
 // applierSettings is how the applier binary runs unless a test says
 // otherwise (DATA_TOTAL_IOPS at its default, 0: no node cap).
-const applierSettings = "CHECK_INTERVAL=5"
+const applierSettings = "CHECK_INTERVAL=" + checkInterval
 
 func (b *binaries) StopWebhook(ctx context.Context) error {
 	b.webhook.Kill(ctx)

@@ -183,8 +183,12 @@ func TestOptingANamespaceInStampsItsRunningPods(t *testing.T) {
 	containsAll(t, "namespace Event", namespaceEvent(t, cs, ns, policy.ReasonResolved), "pods re-resolved: 4 (stamped 4, cleared 0, unchanged 0")
 
 	after := p.scrapeMetrics(t)
-	if v, ok := metricValue(after, `leader_election_master_status{name="`+app.LeaseName+`"}`); !ok || v != 1 {
-		t.Errorf("leader_election_master_status of %s = %v (present %v), want 1", app.LeaseName, v, ok)
+	// The gauge is exported; its value is not asserted: client-go's
+	// leader-election metrics are one process-wide series per lease name,
+	// which another test's manager stopping in this test process sets to 0
+	// (the stamps above already prove this manager's controller leads).
+	if _, ok := metricValue(after, `leader_election_master_status{name="`+app.LeaseName+`"}`); !ok {
+		t.Errorf("leader_election_master_status of %s is not exported", app.LeaseName)
 	}
 	for _, series := range []string{`kubediskguard_webhook_policy_pods_total{result="stamped"}`, `kubediskguard_webhook_policy_pass_duration_seconds_count`, `controller_runtime_reconcile_total{controller="policy",result="success"}`} {
 		was, _ := metricValue(before, series)

@@ -124,6 +124,28 @@ func (c *Cluster) startVM(ctx context.Context, im vmImage, dir, rootBase, dataBa
 			return nil, ports, fmt.Errorf("hostfwd_add 127.0.0.1:%d → guest :%d: %v %s", ports[i], guest, err, out)
 		}
 	}
+	if state != "" {
+		// The state was saved from a stopped guest: once loaded, it stays
+		// paused until told to continue.
+		if err := c.wait(ctx, "loading the VM state", p, 3*time.Minute, func() error {
+			out, err := v.hmp("info migrate")
+			if err != nil {
+				return err
+			}
+			if strings.Contains(out, "Migration status: failed") {
+				return Final(fmt.Errorf("loading the VM state failed: %s", out))
+			}
+			if !strings.Contains(out, "Migration status: completed") {
+				return errors.New("still loading")
+			}
+			return nil
+		}); err != nil {
+			return nil, ports, err
+		}
+		if _, err := v.hmp("cont"); err != nil {
+			return nil, ports, err
+		}
+	}
 	token, err := os.ReadFile(im.path("host", "token"))
 	if err != nil {
 		return nil, ports, err

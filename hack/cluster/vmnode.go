@@ -402,9 +402,9 @@ func vmUp(ctx context.Context, cfg Config) (_ *Cluster, err error) {
 		return nil, err
 	}
 	total := time.Now()
-	var timings []Timing
+	timings := &[]Timing{}
 	step := func(name string, t time.Time) {
-		timings = append(timings, Timing{name, time.Since(t)})
+		*timings = append(*timings, Timing{name, time.Since(t)})
 		fmt.Fprintf(cfg.Log, "cluster: %s ready in %s\n", name, time.Since(t).Round(time.Millisecond))
 	}
 	t := time.Now()
@@ -424,7 +424,8 @@ func vmUp(ctx context.Context, cfg Config) (_ *Cluster, err error) {
 	// is no kube-proxy (Full's Services from the host), but a scheduler and
 	// a controller-manager always run.
 	cfg.PodNetwork, cfg.Full = true, false
-	c := &Cluster{Config: cfg, Timings: timings}
+	c := &Cluster{Config: cfg}
+	defer func() { c.Timings = *timings }()
 	c.State.Node = V2Node
 	c.State.Kubeconfig = c.path("admin.kubeconfig")
 	c.State.ContainerdAddress = vmContainerdSock

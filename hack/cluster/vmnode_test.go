@@ -81,7 +81,7 @@ func TestV2NodeUpSmokeDown(t *testing.T) {
 	}
 	t.Logf("up in %s: %v", time.Since(start).Round(time.Millisecond), c.Timings)
 	l := c.Node.Layout()
-	if l.String() != "cgroup v2, systemd driver, containerd "+l.RuntimeVersion || !strings.HasPrefix(l.RuntimeVersion, "2.") {
+	if l.String() != "cgroup v2, systemd driver, containerd "+l.RuntimeVersion || !strings.HasPrefix(strings.TrimPrefix(l.RuntimeVersion, "v"), "2.") {
 		t.Errorf("layout %s, want cgroup v2, systemd driver, containerd 2.x", l)
 	}
 

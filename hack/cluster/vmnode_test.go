@@ -13,6 +13,11 @@ import (
 	"testing"
 	"time"
 
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/resource"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/utils/ptr"
+
 	"github.com/kubediskguard/kubediskguard/applier/device"
 	"github.com/kubediskguard/kubediskguard/shared/realtest"
 )
@@ -119,6 +124,7 @@ func TestV2NodeUpSmokeDown(t *testing.T) {
 	}
 	checkVMDataDisk(t, ctx, c)
 	checkFailCgroupV1Default(t, ctx, c)
+	checkQoSSlices(t, ctx, c)
 
 	agent := fmt.Sprintf("127.0.0.1:%d", c.State.VM.AgentPort)
 	api := fmt.Sprintf("127.0.0.1:%d", c.State.VM.APIPort)
@@ -186,6 +192,57 @@ func checkVMDataDisk(t *testing.T, ctx context.Context, c *Cluster) {
 		t.Errorf("%s is not a shared mount on the node", dir)
 	}
 	t.Logf("data disk %s mounted at %s on the node", disk, dir)
+}
+
+// checkQoSSlices: a Guaranteed and a Burstable pod's cgroups are where the
+// layout says (kubepods-pod<uid_>.slice directly under kubepods.slice;
+// kubepods-burstable.slice/kubepods-burstable-pod<uid_>.slice), with
+// io.max, and their containers' scopes below them.
+func checkQoSSlices(t *testing.T, ctx context.Context, c *Cluster) {
+	t.Helper()
+	rl := func(cpu, mem string) corev1.ResourceList {
+		return corev1.ResourceList{corev1.ResourceCPU: resource.MustParse(cpu), corev1.ResourceMemory: resource.MustParse(mem)}
+	}
+	for _, tc := range []struct {
+		name   string
+		res    corev1.ResourceRequirements
+		qos    corev1.PodQOSClass
+		prefix string
+	}{
+		{"kdg-guaranteed", corev1.ResourceRequirements{Requests: rl("50m", "32Mi"), Limits: rl("50m", "32Mi")}, corev1.PodQOSGuaranteed, "/sys/fs/cgroup/kubepods.slice/kubepods-pod"},
+		{"kdg-burstable", corev1.ResourceRequirements{Requests: rl("50m", "32Mi")}, corev1.PodQOSBurstable, "/sys/fs/cgroup/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod"},
+	} {
+		pod := c.Pod("default", tc.name, "sleep", "3600")
+		pod.Spec.Containers[0].Resources = tc.res
+		if _, err := c.Client.CoreV1().Pods("default").Create(ctx, pod, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		p, err := c.WaitRunning(ctx, "default", tc.name, c.PodTimeout())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if p.Status.QOSClass != tc.qos {
+			t.Errorf("%s: QoS %s, want %s", tc.name, p.Status.QOSClass, tc.qos)
+		}
+		dir, err := c.Node.Layout().PodCgroup(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		scope, err := c.ContainerCgroup(p, "main")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !strings.HasPrefix(dir, tc.prefix) || path.Dir(scope) != dir {
+			t.Errorf("%s: pod cgroup %s (container %s), want %s<uid_>.slice with the scope in it", tc.name, dir, scope, tc.prefix)
+		}
+		for _, d := range []string{dir, scope} {
+			if _, err := c.Node.ReadFile(ctx, path.Join(d, "io.max")); err != nil {
+				t.Errorf("%s: %v", tc.name, err)
+			}
+		}
+		t.Logf("%s (%s): %s", tc.name, tc.qos, scope)
+		c.Client.CoreV1().Pods("default").Delete(ctx, tc.name, metav1.DeleteOptions{GracePeriodSeconds: ptr.To(int64(0))})
+	}
 }
 
 // checkFailCgroupV1Default: the kubelet runs with the systemd driver and

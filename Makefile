@@ -28,7 +28,7 @@ export KDG_NODE := $(NODE)
 export KDG_VM_DIR := $(VM_DIR)
 export KDG_CONTAINERD2_DIR := $(CONTAINERD2_DIR)
 
-.PHONY: build test unit-test lint bench bench-load bench-policy bench-applier test-bins vm-kernel host-deps fuzz demo up down clean
+.PHONY: v2node build test unit-test lint bench bench-load bench-policy bench-applier test-bins vm-kernel host-deps fuzz demo up down clean
 
 # Debian packages the real-component tests use: containerd and runc (the
 # containerd runtime tests), docker.io (dockerd, for the Docker runtime tests),
@@ -77,8 +77,16 @@ test-bins:
 vm-kernel:
 	bash hack/vm-kernel.sh $(VM_DIR)
 
+## v2node: the cgroup v2 node kind's VM image and snapshot (qemu, debootstrap;
+## Debian rootfs + Debian's 6.1 cloud kernel + the pinned binaries + containerd
+## 2.x), cached in /var/cache/kubediskguard/v2node by their inputs (cold: ~20 min)
+V2NODE_PACKAGES := qemu-system-x86 qemu-utils debootstrap cpio e2fsprogs busybox-static
+v2node: test-bins
+	@$(MAKE) --no-print-directory apt-install PACKAGES="$(V2NODE_PACKAGES)"
+	$(GO) run ./hack/cluster/cmd v2-image
+
 ## test: every test, real components included (CI=true: nothing may skip)
-test: host-deps test-bins vm-kernel build lint
+test: host-deps test-bins vm-kernel v2node build lint
 	$(GO) test $(GOTEST_FLAGS) ./...
 
 ## unit-test: only the tests that need no real component
@@ -126,14 +134,14 @@ fuzz:
 ## in, fio in a pod is held to its limit (and not in a namespace that did not
 ## opt in), kubectl annotate changes it live, the applier's Event; then a table.
 ## Leaves nothing running (see hack/demo/main.go)
-demo: demo-deps demo-bins build
+demo: demo-deps demo-bins build $(if $(filter v2,$(NODE)),v2node)
 	$(GO) run ./hack/demo -node $(NODE)
 
 ## up: a local cluster with KubeDiskGuard installed, left running, on NODE;
 ## prints `export KUBECONFIG=…` and `export KDG_DATA_DIR=…` on stdout (so
 ## `eval "$$(make up)"` works; everything else goes to stderr) and what to try
 up:
-	@$(MAKE) --no-print-directory up-deps up-bins build >&2
+	@$(MAKE) --no-print-directory up-deps up-bins build $(if $(filter v2,$(NODE)),v2node) >&2
 	@$(GO) run ./hack/up up -node $(NODE) -dir $(UP_DIR)
 
 ## down: stop what make up started and restore the host (also after a crash)

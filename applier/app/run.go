@@ -65,6 +65,9 @@ func Run(ctx context.Context, o *Options, cfg *rest.Config) error {
 			log.Info("cgroup v1: the kernel's blkio throttle is not hierarchical, so DATA_TOTAL_IOPS on the kubepods cgroup limits only processes directly in it, not the pods below; use cgroup v2 for a node-wide cap", "dataTotalIOPS", o.DataTotalIOPS)
 		}
 	}
+	if err := h.CheckIOEnabled(); err != nil {
+		log.Info("WARNING: containers below this cgroup stay unlimited until the io controller is enabled in it (systemd: IOAccounting=yes on the slice; by hand: echo +io > cgroup.subtree_control of it and of its parents)", "reason", err.Error())
+	}
 	if h.Version() == cgroup.V1 {
 		log.Info("cgroup v1: the kernel limits only the IO a container submits itself (O_DIRECT, O_SYNC/O_DSYNC writes, its own fsync); buffered writes that the kernel writes back (flusher threads, sync) are neither limited nor counted in its statistics; use cgroup v2 to limit them")
 	}

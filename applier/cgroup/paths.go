@@ -356,3 +356,43 @@ func (h *Hierarchy) KubepodsTree() ([]string, error) {
 	}
 	return dirs, nil
 }
+
+// CheckIOEnabled checks, on cgroup v2, that the io controller is enabled
+// where the limits go: in cgroup.subtree_control of every cgroup from the
+// root down to the kubepods cgroup (FindKubepods), so that the QoS, pod and
+// container cgroups below have io.max. A controller that is only available
+// (cgroup.controllers) but not enabled there leaves every container
+// unlimited without an error from any write to the cgroups that have no
+// io.max. The error names the first cgroup lacking it. On v1, and when no
+// kubepods cgroup exists yet, it returns nil (nothing to check).
+func (h *Hierarchy) CheckIOEnabled() error {
+	if h.version != V2 {
+		return nil
+	}
+	kp, err := h.FindKubepods()
+	if err != nil {
+		return nil
+	}
+	rel, err := h.Rel(kp)
+	if err != nil {
+		return err
+	}
+	var chain []string
+	for p := rel; ; p = path.Dir(p) {
+		chain = append([]string{h.Join(p)}, chain...)
+		if p == "/" {
+			break
+		}
+	}
+	for _, dir := range chain {
+		f := filepath.Join(dir, "cgroup.subtree_control")
+		b, err := os.ReadFile(f)
+		if err != nil {
+			return fmt.Errorf("cgroup v2: reading %s: %w", f, err)
+		}
+		if !slices.Contains(strings.Fields(string(b)), "io") {
+			return fmt.Errorf("cgroup v2: the io controller is not enabled in %s (%s holds %q): the cgroups below it have no io.max, so no limit can be set on them", dir, f, strings.TrimSpace(string(b)))
+		}
+	}
+	return nil
+}

@@ -215,6 +215,8 @@ type State struct {
 	// DataDisk is the host node's data disk (loop device, mount).
 	DataDisk *DataDiskState `json:"dataDisk,omitempty"`
 	Layout   *Layout        `json:"layout,omitempty"` // the node's, once known
+	// VM is the v2 node's virtual machine (qemu's disk overlays, ports).
+	VM *VMState `json:"vm,omitempty"`
 }
 
 // Cluster is a running cluster.
@@ -227,8 +229,10 @@ type Cluster struct {
 	Client  *kubernetes.Clientset
 	Timings []Timing
 
-	ca *pki.CA    // the cluster CA, made by writePKI
-	mu sync.Mutex // guards State.Procs and the state file
+	ca *pki.CA // the cluster CA, made by writePKI
+	// pkiValidity overrides certValidity (writePKI) when set.
+	pkiValidity time.Duration
+	mu          sync.Mutex // guards State.Procs and the state file
 }
 
 // Timing is how long a step of Up took.

@@ -17,6 +17,15 @@ import (
 
 const certValidity = 7 * 24 * time.Hour
 
+// validity is how long the PKI's certificates are valid: certValidity, or
+// pkiValidity when set (the v2 node's image keeps its PKI for months).
+func (c *Cluster) validity() time.Duration {
+	if c.pkiValidity > 0 {
+		return c.pkiValidity
+	}
+	return certValidity
+}
+
 // writePKI makes the cluster's CA and the certificates signed by it, in
 // DIR/pki (NAME.crt + NAME.key):
 //
@@ -31,7 +40,7 @@ func (c *Cluster) writePKI(ctx context.Context) error {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return err
 	}
-	ca, err := pki.NewCA("kubediskguard-local-cluster-ca", certValidity)
+	ca, err := pki.NewCA("kubediskguard-local-cluster-ca", c.validity())
 	if err != nil {
 		return err
 	}
@@ -47,7 +56,7 @@ func (c *Cluster) writePKI(ctx context.Context) error {
 		return err
 	}
 	serving, err := ca.Issue([]string{"kube-apiserver", "127.0.0.1", "localhost", "kubernetes", "kubernetes.default",
-		"kubernetes.default.svc", "kubernetes.default.svc.cluster.local", "10.96.0.1", PodGateway}, certValidity)
+		"kubernetes.default.svc", "kubernetes.default.svc.cluster.local", "10.96.0.1", PodGateway}, c.validity())
 	if err != nil {
 		return err
 	}
@@ -62,7 +71,7 @@ func (c *Cluster) writePKI(ctx context.Context) error {
 		{"kubelet", "system:node:" + c.NodeName, []string{"system:nodes"}},
 		{"apiserver-kubelet-client", "kube-apiserver-kubelet-client", []string{"system:masters"}},
 	} {
-		s, err := ca.IssueClient(cl.cn, cl.orgs, certValidity)
+		s, err := ca.IssueClient(cl.cn, cl.orgs, c.validity())
 		if err != nil {
 			return err
 		}
@@ -93,7 +102,7 @@ func (c *Cluster) writePKI(ctx context.Context) error {
 func (c *Cluster) CA() *pki.CA { return c.ca }
 
 func (c *Cluster) writeKubeletServing(nodeIP string) error {
-	s, err := c.ca.Issue([]string{c.NodeName, nodeIP, "127.0.0.1", "localhost"}, certValidity)
+	s, err := c.ca.Issue([]string{c.NodeName, nodeIP, "127.0.0.1", "localhost"}, c.validity())
 	if err != nil {
 		return err
 	}
@@ -114,7 +123,13 @@ func writeFile(dir, name string, data []byte) error {
 // writeKubeconfig writes a kubeconfig for the client certificate pki/USER.crt.
 func (c *Cluster) writeKubeconfig(path, user string) error {
 	p := func(n string) string { return c.path("pki", n) }
-	kc := fmt.Sprintf(`apiVersion: v1
+	return os.WriteFile(path, []byte(kubeconfigText(c.APIServerURL(), p("ca.crt"), user, p(user+".crt"), p(user+".key"))), 0o600)
+}
+
+// kubeconfigText is a kubeconfig for server, trusting the CA file ca, as
+// user with the client certificate crt and key.
+func kubeconfigText(server, ca, user, crt, key string) string {
+	return fmt.Sprintf(`apiVersion: v1
 kind: Config
 clusters:
 - name: kdg
@@ -130,6 +145,5 @@ contexts:
 - name: kdg
   context: {cluster: kdg, user: %s}
 current-context: kdg
-`, c.APIServerURL(), p("ca.crt"), user, p(user+".crt"), p(user+".key"), user)
-	return os.WriteFile(path, []byte(kc), 0o600)
+`, server, ca, user, crt, key, user)
 }

@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 
 	"github.com/kubediskguard/kubediskguard/hack/cluster"
@@ -21,7 +22,7 @@ import (
 
 func main() {
 	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: cluster up [-node host|v2] [-dir D] [-detach] [-smoke=false] [-pod-network] [-full] | down [-dir D]")
+		fmt.Fprintln(os.Stderr, "usage: cluster up [-node host|v2] [-dir D] [-detach] [-smoke=false] [-pod-network] [-full] | down [-dir D] | v2-image")
 		os.Exit(2)
 	}
 	fs := flag.NewFlagSet(os.Args[1], flag.ExitOnError)
@@ -34,6 +35,14 @@ func main() {
 	fs.Parse(os.Args[2:])
 
 	switch os.Args[1] {
+	case "v2-image":
+		// The v2 node's image and snapshot, built when absent (make v2node).
+		ctx, stopSignals := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+		defer stopSignals()
+		if err := cluster.PrepareV2Node(ctx, cluster.Config{Node: cluster.V2Node}); err != nil {
+			fmt.Fprintln(os.Stderr, "v2-image:", err)
+			os.Exit(1)
+		}
 	case "down":
 		if err := cluster.Down(*dir, os.Stderr); err != nil {
 			fmt.Fprintln(os.Stderr, "down:", err)
@@ -61,8 +70,13 @@ func main() {
 			}
 			fmt.Fprintf(os.Stderr, "cluster: smoke pod Running in %s, exec in %s, cgroup %s\n", r.PodRunning, r.Exec, r.Cgroup)
 		}
+		// KUBECONFIG usable from this host; the rest as the applier on
+		// the node gets it.
+		fmt.Printf("export KUBECONFIG=%s\n", c.Kubeconfig)
 		for _, kv := range c.Env() {
-			fmt.Printf("export %s\n", kv)
+			if !strings.HasPrefix(kv, "KUBECONFIG=") {
+				fmt.Printf("export %s\n", kv)
+			}
 		}
 		if *detach {
 			fmt.Fprintf(os.Stderr, "cluster: left running; stop it with: go run ./hack/cluster/cmd down -dir %s\n", *dir)

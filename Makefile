@@ -111,7 +111,7 @@ bench-applier: host-deps test-bins
 bench-applier-load: host-deps test-bins
 	$(GO) test -run '^$$' -bench ReactionUnderLoad -benchtime 1x -v -timeout 60m ./applier/app/
 
-## bench-protection: the noisy neighbour: a victim pod's fio latency alone, next to an unlimited aggressor pod, and with the aggressor's namespace opted in live, alternated over 5 rounds on the real cluster; medians and ratios, the last two lines `victim p99 protected/alone X.XX` and `victim p99 unprotected/alone X.XX` (root; KDG_PROTECT_ROUNDS, KDG_PROTECT_SECONDS, KDG_PROTECT_JOBS, KDG_PROTECT_IODEPTH)
+## bench-protection: the noisy neighbour: a victim pod's fio latency alone, next to an unlimited aggressor pod, and with the aggressor's namespace opted in live, alternated over 5 rounds on the real cluster; medians and ratios, the last two lines `victim p99 protected/alone X.XX` and `victim p99 unprotected/alone X.XX` (root; KDG_PROTECT_ROUNDS, KDG_PROTECT_SECONDS, KDG_PROTECT_LIMIT, KDG_PROTECT_JOBS, KDG_PROTECT_IODEPTH)
 bench-protection: host-deps test-bins build
 	@mkdir -p $(CACHE)
 	set -o pipefail; $(GO) test -run '^$$' -bench BenchmarkProtection -benchtime 1x -v -timeout 60m ./hack/e2e/ 2>&1 | tee $(CACHE)/bench-protection.log

@@ -63,10 +63,11 @@ const (
 	fioSeconds = 8
 	fioFileMiB = 128
 	// The noisy neighbour (act 5).
-	victimNS      = "latency"
-	aggressorNS   = "noisy"
-	aggressorIOPS = 200 // the aggressor's namespace default once it opts in
-	neighbourFioS = 6   // the victim's fio run per phase
+	victimNS        = "latency"
+	aggressorNS     = "noisy"
+	aggressorIOPS   = 200              // the aggressor's namespace default once it opts in
+	neighbourFioS   = 6                // the victim's fio run per phase
+	neighbourSettle = 10 * time.Second // a pause after the unlimited aggressor
 )
 
 func main() {
@@ -342,6 +343,16 @@ func (d *demo) noisyNeighbour(ctx context.Context) error {
 			return err
 		}
 		rs = append(rs, r)
+		if ph == protect.Unprotected {
+			// The unlimited aggressor's writes keep the host's disk busy
+			// for a while after it stopped (see protect.Setup.Settle).
+			d.say("    (letting the host's disk settle for %s after the unlimited aggressor)", neighbourSettle)
+			select {
+			case <-time.After(neighbourSettle):
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		}
 	}
 	sum := protect.Summarize(rs)
 	d.say("\nThe victim's p99 read latency:\n%s", protect.Bars(sum, 40))

@@ -36,7 +36,10 @@ func (e *env) protection(ctx context.Context, t testing.TB, s *protect.Setup) {
 			t.Errorf("data disk direct IO off: %v", err)
 		}
 	})
-	s.C, s.Limit = e.c, protectLimit
+	s.C = e.c
+	if s.Limit == 0 {
+		s.Limit = protectLimit
+	}
 	s.Log = t.Logf
 	if err := s.Prepare(ctx); err != nil {
 		t.Fatal(err)
@@ -94,7 +97,8 @@ func (e *env) testProtection(t *testing.T) {
 
 // BenchmarkProtection is make bench-protection: the noisy-neighbour
 // phases alternated over KDG_PROTECT_ROUNDS rounds (default 5) of 10 s
-// each on a cluster of its own, the table of every phase, the medians, and
+// each on a cluster of its own, the aggressor limited to KDG_PROTECT_LIMIT
+// (default 200) read and write IOPS when protected, the table of every phase, the medians, and
 // last the two ratio lines.
 func BenchmarkProtection(b *testing.B) {
 	realtest.Root(b)
@@ -104,10 +108,11 @@ func BenchmarkProtection(b *testing.B) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Duration(rounds)*3*time.Minute)
 	defer cancel()
 	s := &protect.Setup{VictimNS: "bench-victim", AggressorNS: "bench-aggressor", Seconds: envInt(b, "KDG_PROTECT_SECONDS", 10),
-		AggressorJobs: envInt(b, "KDG_PROTECT_JOBS", 4), AggressorDepth: envInt(b, "KDG_PROTECT_IODEPTH", 32)}
+		AggressorJobs: envInt(b, "KDG_PROTECT_JOBS", 4), AggressorDepth: envInt(b, "KDG_PROTECT_IODEPTH", 32), Limit: envInt(b, "KDG_PROTECT_LIMIT", protectLimit),
+		Settle: time.Duration(envInt(b, "KDG_PROTECT_SETTLE", 15)) * time.Second}
 	e.protection(ctx, b, s)
-	b.Logf("aggressor: %d fio jobs of 4 KiB randrw at iodepth %d, limit %d read + %d write IOPS when protected; victim: 4 KiB randread, iodepth 1, %d s per phase; data disk %s (direct IO), load %s",
-		s.AggressorJobs, s.AggressorDepth, protectLimit, protectLimit, s.Seconds, e.c.Node.DataDisk(), loadAverage())
+	b.Logf("aggressor: %d fio jobs of 4 KiB randrw at iodepth %d, limit %d read + %d write IOPS when protected; victim: 4 KiB randread, iodepth 1, %d s per phase; %s pause after each unprotected phase; data disk %s (direct IO), load %s",
+		s.AggressorJobs, s.AggressorDepth, s.Limit, s.Limit, s.Seconds, s.Settle, e.c.Node.DataDisk(), loadAverage())
 	b.ResetTimer()
 	rs, err := s.Rounds(ctx, rounds)
 	if err != nil {

@@ -51,7 +51,13 @@ type Setup struct {
 	AggressorDepth        int // their iodepth (default 32)
 	VictimMiB             int // the victim's file (default 256)
 	AggressorMiB          int // the aggressor's file (default 512)
-	Log                   func(format string, args ...any)
+	// Settle is a pause after each unprotected phase: the unlimited
+	// aggressor's gigabytes of writes keep the host's disk busy for a while
+	// after it stopped (measured: the next phase's victim p99 several
+	// times its p99 alone, whatever that phase is), which would be charged
+	// to the phase that happens to follow.
+	Settle time.Duration
+	Log    func(format string, args ...any)
 
 	victim, aggressor *corev1.Pod
 }
@@ -307,6 +313,14 @@ func (s *Setup) Rounds(ctx context.Context, n int) ([]Result, error) {
 				return rs, fmt.Errorf("round %d, %s: %w", i+1, ph, err)
 			}
 			rs = append(rs, r)
+			if ph == Unprotected && s.Settle > 0 {
+				s.logf("settling %s after the unlimited aggressor", s.Settle)
+				select {
+				case <-time.After(s.Settle):
+				case <-ctx.Done():
+					return rs, ctx.Err()
+				}
+			}
 		}
 	}
 	return rs, s.protect(ctx, false)

@@ -28,7 +28,7 @@ export KDG_NODE := $(NODE)
 export KDG_VM_DIR := $(VM_DIR)
 export KDG_CONTAINERD2_DIR := $(CONTAINERD2_DIR)
 
-.PHONY: v2node build test unit-test lint bench bench-load bench-policy bench-applier test-bins vm-kernel host-deps fuzz demo up down clean
+.PHONY: v2node build test unit-test lint bench bench-load bench-policy bench-applier bench-applier-load bench-protection test-bins vm-kernel host-deps fuzz demo up down clean
 
 # Debian packages the real-component tests use: containerd and runc (the
 # containerd runtime tests), docker.io (dockerd, for the Docker runtime tests),
@@ -113,7 +113,17 @@ bench-policy: test-bins
 
 ## bench-applier: reaction to 100 container starts and startup with 200 containers on real containerd, 1.6 and 2.x in the same run (root)
 bench-applier: host-deps test-bins
-	$(GO) test -run '^$$' -bench . -benchtime 1x -v -timeout 30m ./applier/app/
+	$(GO) test -run '^$$' -bench 'Reaction$$|StartupReconcile' -benchtime 1x -v -timeout 30m ./applier/app/
+
+## bench-applier-load: the start window on a busy node: 500 starts with every core saturated by CPU hogs, then 500 in bursts of 20, on containerd 1.6 and 2.x (root; KDG_REACTION_STARTS)
+bench-applier-load: host-deps test-bins
+	$(GO) test -run '^$$' -bench ReactionUnderLoad -benchtime 1x -v -timeout 60m ./applier/app/
+
+## bench-protection: the noisy neighbour: a victim pod's fio latency alone, next to an unlimited aggressor pod, and with the aggressor's namespace opted in live, alternated over 5 rounds on the real cluster; medians and ratios, the last two lines `victim p99 protected/alone X.XX` and `victim p99 unprotected/alone X.XX` (root; KDG_PROTECT_ROUNDS, KDG_PROTECT_SECONDS, KDG_PROTECT_LIMIT, KDG_PROTECT_JOBS, KDG_PROTECT_IODEPTH)
+bench-protection: host-deps test-bins build
+	@mkdir -p $(CACHE)
+	set -o pipefail; $(GO) test -run '^$$' -bench BenchmarkProtection -benchtime 1x -v -timeout 60m ./hack/e2e/ 2>&1 | tee $(CACHE)/bench-protection.log
+	@grep -E '^victim p99 (protected|unprotected)/alone ' $(CACHE)/bench-protection.log
 
 ## fuzz: run each fuzz target for FUZZTIME (default 30s)
 FUZZTIME ?= 30s

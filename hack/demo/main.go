@@ -8,7 +8,10 @@
 //     stamped on it, the same pod in a namespace that did not opt in is not;
 //  3. `kubectl annotate` changes the running pod's limit, and the next fio
 //     run shows it;
-//  4. `kubectl describe pod` shows the Event the applier recorded.
+//  4. `kubectl describe pod` shows the Event the applier recorded;
+//  5. a noisy neighbour: a victim pod's read latency alone, next to an
+//     unlimited aggressor, and after the aggressor's namespace opts in
+//     while it runs (hack/protect), as a bar chart.
 //
 // It brings up the cluster of hack/cluster (etcd, kube-apiserver, containerd,
 // kubelet) on the node kind -node names (this host by default), runs the
@@ -46,6 +49,7 @@ import (
 
 	"github.com/kubediskguard/kubediskguard/hack/cluster"
 	"github.com/kubediskguard/kubediskguard/hack/kdg"
+	"github.com/kubediskguard/kubediskguard/hack/protect"
 	"github.com/kubediskguard/kubediskguard/shared/limits"
 )
 
@@ -58,6 +62,12 @@ const (
 	liveIOPS   = 100 // the pod's new read limit (kubediskguard.io/read-iops)
 	fioSeconds = 8
 	fioFileMiB = 128
+	// The noisy neighbour (act 5).
+	victimNS        = "latency"
+	aggressorNS     = "noisy"
+	aggressorIOPS   = 200              // the aggressor's namespace default once it opts in
+	neighbourFioS   = 6                // the victim's fio run per phase
+	neighbourSettle = 10 * time.Second // a pause after the unlimited aggressor
 )
 
 func main() {
@@ -187,6 +197,9 @@ func (d *demo) run(ctx context.Context) error {
 	if err := d.story(ctx); err != nil {
 		return err
 	}
+	if err := d.noisyNeighbour(ctx); err != nil {
+		return err
+	}
 	d.table()
 	return nil
 }
@@ -291,11 +304,83 @@ func (d *demo) story(ctx context.Context) error {
 	return nil
 }
 
+// noisyNeighbour is act 5: why KubeDiskGuard exists, measured. A victim
+// pod reads with fio at iodepth 1 (latency-sensitive) alone, next to an
+// aggressor pod hammering the same disk from a namespace that did not opt
+// in, and again once that namespace opts in while the aggressor runs.
+func (d *demo) noisyNeighbour(ctx context.Context) error {
+	d.say("\n──── 5. A noisy neighbour ────")
+	d.say("A victim pod does 4k random reads, O_DIRECT, iodepth 1 (a latency-sensitive service), %d s per phase;", neighbourFioS)
+	d.say("an aggressor pod in namespace %q does 4k random reads and writes, 4 jobs at iodepth 32, on the same disk.", aggressorNS)
+	d.say("fio runs inside the pods (kubectl exec); the latencies are fio's completion latencies.")
+	// The earlier acts' pod would be a neighbour too.
+	if _, err := d.kubectl(ctx, "delete", "pod", "-n", optedIn, podName, "--wait=false"); err != nil {
+		return err
+	}
+	if err := d.c.SetDataDiskDirectIO(ctx, true); err != nil {
+		return err
+	}
+	d.say("    (the data disk's loop device now does direct IO, so that reads reach the host's disk, not its page cache)")
+	s := &protect.Setup{C: d.c, VictimNS: victimNS, AggressorNS: aggressorNS, Limit: aggressorIOPS, Seconds: neighbourFioS,
+		VictimMiB: 128, AggressorMiB: 256, Log: func(f string, a ...any) { d.say("    "+f, a...) }}
+	d.step("writing the pods' files and starting the victim and the aggressor (sleeping until fio is exec'd)")
+	if err := s.Prepare(ctx); err != nil {
+		return err
+	}
+	var rs []protect.Result
+	for _, ph := range protect.Phases {
+		switch ph {
+		case protect.Alone:
+			d.say("\nThe victim alone:")
+		case protect.Unprotected:
+			d.say("\nWith the aggressor, whose namespace %q did not opt in (no limit):", aggressorNS)
+		case protect.Protected:
+			d.say("\nThe aggressor's namespace opts in while it runs (its default, kubediskguard.io/iops=%d, was set already):", aggressorIOPS)
+			d.say("$ kubectl label namespace %s kubediskguard.io/enabled=true", aggressorNS)
+		}
+		r, err := s.Run(ctx, ph)
+		if err != nil {
+			return err
+		}
+		rs = append(rs, r)
+		if ph == protect.Unprotected {
+			// The unlimited aggressor's writes keep the host's disk busy
+			// for a while after it stopped (see protect.Setup.Settle).
+			d.say("    (letting the host's disk settle for %s after the unlimited aggressor)", neighbourSettle)
+			select {
+			case <-time.After(neighbourSettle):
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		}
+	}
+	sum := protect.Summarize(rs)
+	d.say("\nThe victim's p99 read latency:\n%s", protect.Bars(sum, 40))
+	for _, ph := range protect.Phases {
+		r := sum[ph]
+		what := map[protect.Phase]string{
+			protect.Alone:       "victim alone",
+			protect.Unprotected: fmt.Sprintf("victim + aggressor in %q (not opted in)", aggressorNS),
+			protect.Protected:   fmt.Sprintf("victim + aggressor after %q opts in (live)", aggressorNS),
+		}[ph]
+		aggr := "-"
+		if ph != protect.Alone {
+			aggr = fmt.Sprintf("aggressor %.0f r + %.0f w IOPS", r.AggressorReadIOPS, r.AggressorWriteIOPS)
+		}
+		limit := "none"
+		if ph == protect.Protected {
+			limit = fmt.Sprintf("aggressor %d IOPS", aggressorIOPS)
+		}
+		d.rows = append(d.rows, row{what, limit, fmt.Sprintf("victim %.0f, p99 %s (%.1fx alone); %s", r.VictimIOPS, r.P99.Round(10*time.Microsecond), sum.Ratio(ph), aggr)})
+	}
+	return nil
+}
+
 func (d *demo) table() {
-	d.say("\n──── Summary: fio 4k random reads, O_DIRECT, iodepth 16, %d s, on disk %s ────\n", fioSeconds, d.disk())
+	d.say("\n──── Summary: fio 4k random reads, O_DIRECT, on disk %s (acts 2–3: iodepth 16, %d s; act 5: the victim at iodepth 1, %d s) ────\n", d.disk(), fioSeconds, neighbourFioS)
 	tw := tabwriter.NewWriter(d.out, 0, 0, 3, ' ', 0)
-	fmt.Fprintln(tw, "case\tlimit\tmeasured IOPS")
-	fmt.Fprintln(tw, "----\t-----\t-------------")
+	fmt.Fprintln(tw, "case\tlimit\tmeasured (read IOPS)")
+	fmt.Fprintln(tw, "----\t-----\t--------------------")
 	for _, r := range d.rows {
 		fmt.Fprintf(tw, "%s\t%s\t%s\n", r.what, r.limit, r.measured)
 	}

@@ -397,7 +397,7 @@ func (d *deployed) ApplierLog(ctx context.Context) (string, error) {
 	return string(out), err
 }
 
-func (d *deployed) Close(t *testing.T) {
+func (d *deployed) Close(t testing.TB) {
 	if t.Failed() && d.e.c != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()

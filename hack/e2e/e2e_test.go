@@ -73,7 +73,7 @@ func (e *env) data(parts ...string) string {
 }
 
 // nodeKind is the node kind the tests run on: KDG_NODE (host by default).
-func nodeKind(t *testing.T) cluster.NodeKind {
+func nodeKind(t testing.TB) cluster.NodeKind {
 	k, err := cluster.ParseNodeKind(os.Getenv("KDG_NODE"))
 	if err != nil {
 		t.Fatalf("KDG_NODE: %v", err)
@@ -82,7 +82,7 @@ func nodeKind(t *testing.T) cluster.NodeKind {
 }
 
 // checkFio: fio, which the pods run from the node's /usr, is on the node.
-func (e *env) checkFio(ctx context.Context, t *testing.T) {
+func (e *env) checkFio(ctx context.Context, t testing.TB) {
 	if _, err := e.c.Node.Run(ctx, "fio", "--version"); err != nil {
 		realtest.Missing(t, "fio on the node ("+err.Error()+")", "apt-get install fio (make host-deps)")
 	}
@@ -98,7 +98,10 @@ func TestE2E(t *testing.T) {
 		// meanwhile. The v2 node is a VM: it touches none of the host's.
 		realtest.HostLock(t)
 	}
-	setUp(t).runChecks(t)
+	e := setUp(t)
+	// First, while no other check's pods do IO on the data disk.
+	t.Run("NoisyNeighbour", e.testProtection)
+	e.runChecks(t)
 }
 
 // runChecks runs the checks TestE2E and TestDeployment share, through the
@@ -116,7 +119,7 @@ func (e *env) runChecks(t *testing.T) {
 	t.Run("ResetClearsEverything", e.testReset)
 }
 
-func setUp(t *testing.T) *env {
+func setUp(t testing.TB) *env {
 	assets := realtest.KubeAssets(t, "etcd", "kube-apiserver", "kubelet", "kubectl")
 	cfg := cluster.Config{Node: nodeKind(t), BinDir: assets, Log: testWriter{t}}
 	for _, m := range cfg.Missing() {
@@ -196,7 +199,7 @@ func (e *env) prepare(ctx context.Context) error {
 	return nil
 }
 
-func (e *env) tearDown(t *testing.T) {
+func (e *env) tearDown(t testing.TB) {
 	if e.g != nil {
 		e.g.Close(t)
 	}
@@ -510,7 +513,7 @@ func (e *env) testWebhookDown(t *testing.T) {
 	}
 }
 
-type testWriter struct{ t *testing.T }
+type testWriter struct{ t testing.TB }
 
 func (w testWriter) Write(b []byte) (int, error) {
 	w.t.Log(strings.TrimRight(string(b), "\n"))

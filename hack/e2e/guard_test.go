@@ -33,7 +33,7 @@ type guard interface {
 	// uninstall does (reset_test.go) and returns what it printed.
 	ResetNode(ctx context.Context) (string, error)
 	// Close stops what the guard started (logging what it has if t failed).
-	Close(t *testing.T)
+	Close(t testing.TB)
 }
 
 // binaries runs bin/kubediskguard-{webhook,applier} on the cluster's node
@@ -110,7 +110,7 @@ func (b *binaries) ApplierLog(ctx context.Context) (string, error) {
 // applierName names the applier's nth process on the node, and its log.
 func (b *binaries) applierName(n int) string { return fmt.Sprintf("applier-%d", n) }
 
-func (b *binaries) Close(t *testing.T) {
+func (b *binaries) Close(t testing.TB) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	if t.Failed() {

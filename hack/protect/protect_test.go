@@ -1,0 +1,38 @@
+package protect
+
+import (
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestMedian(t *testing.T) {
+	for _, c := range []struct {
+		in   []float64
+		want float64
+	}{{[]float64{3, 1, 2}, 2}, {[]float64{4, 1, 3, 2}, 2.5}, {[]float64{7}, 7}} {
+		if got := Median(c.in); got != c.want {
+			t.Errorf("Median(%v) = %v, want %v", c.in, got, c.want)
+		}
+	}
+}
+
+// Table ends with the two lines a script reads, the ratios of the median p99s.
+func TestTableEndsWithTheRatios(t *testing.T) {
+	us := time.Microsecond
+	var rs []Result
+	for _, p99 := range [][3]time.Duration{{100 * us, 400 * us, 110 * us}, {300 * us, 900 * us, 90 * us}, {200 * us, 600 * us, 240 * us}} {
+		for i, ph := range Phases {
+			rs = append(rs, Result{Phase: ph, VictimIOPS: 1000, P99: p99[i]})
+		}
+	}
+	lines := strings.Split(strings.TrimRight(Table(rs), "\n"), "\n")
+	got := strings.Join(lines[len(lines)-2:], "\n")
+	want := "victim p99 protected/alone 0.55\nvictim p99 unprotected/alone 3.00"
+	if got != want {
+		t.Errorf("last two lines:\n%s\nwant\n%s", got, want)
+	}
+	if b := Bars(Summarize(rs), 40); !strings.Contains(b, strings.Repeat("█", 40)+" 600µs") {
+		t.Errorf("the unprotected bar is not the longest:\n%s", b)
+	}
+}

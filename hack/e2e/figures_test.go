@@ -1,0 +1,50 @@
+package e2e
+
+import (
+	"time"
+
+	"github.com/kubediskguard/kubediskguard/hack/cluster"
+)
+
+// figures are the checks' numbers on a node kind: the limits they set and
+// measure, how long fio runs and how much longer than on the host their
+// waits may take. The checks are one set on every node kind; only these
+// scale. The host's data disk (a loop file on the host's disk) does
+// thousands of IOPS; the v2 node's (a virtio disk of a VM under software
+// emulation) ~330 unthrottled, shared by every fio job of the checks at
+// once, and each kubectl call or pod start there takes seconds.
+type figures struct {
+	nsIOPS     int    // optedIn's default, kubediskguard.io/iops
+	dbRead     int    // container.kubediskguard.io/db
+	dbWrite    int    //
+	liveRead   int    // kubediskguard.io/read-iops annotated on a running pod
+	totalIOPS  int    // DATA_TOTAL_IOPS of testDataTotalIOPS
+	crashWrite [3]int // ApplierCrash's sleeping pods' kubediskguard.io/write-iops
+	crashFio   int    // ApplierCrash's fio pod's kubediskguard.io/iops
+	policyIOPS int    // PolicyReachesRunningPods: kubediskguard.io/iops, there before the opt-in
+	policyRead int    // kubediskguard.io/read-iops, annotated once opted in
+	policyMax  int    // kubediskguard.io/max-iops, annotated last
+	fioSeconds int    // each fio run's runtime
+	slow       time.Duration
+}
+
+// slowed is d scaled to the node kind: the time a wait may take there.
+func (f figures) slowed(d time.Duration) time.Duration { return d * f.slow }
+
+// figuresFor is the figures of a node kind.
+func figuresFor(k cluster.NodeKind) figures {
+	if k == cluster.V2Node {
+		return figures{
+			nsIOPS: 20, dbRead: 12, dbWrite: 8, liveRead: 30, totalIOPS: 60,
+			crashWrite: [3]int{21, 22, 23}, crashFio: 15,
+			policyIOPS: 15, policyRead: 25, policyMax: 10,
+			fioSeconds: 10, slow: 3,
+		}
+	}
+	return figures{
+		nsIOPS: 200, dbRead: 100, dbWrite: 50, liveRead: 300, totalIOPS: 500,
+		crashWrite: [3]int{110, 120, 130}, crashFio: 150,
+		policyIOPS: 150, policyRead: 250, policyMax: 100,
+		fioSeconds: 4, slow: 1,
+	}
+}

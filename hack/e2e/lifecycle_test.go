@@ -16,9 +16,9 @@ import (
 )
 
 // applierCatchUp is how soon after its start a restarted applier must have
-// (on the host; figures.slowed scales it to the node kind)
 // limited the containers it missed: by the full pass at start (the periodic
-// one never runs in the checks: checkInterval).
+// one never runs in the checks: checkInterval). On the host; figures.slowed
+// scales it to the node kind.
 const applierCatchUp = 4 * time.Second
 
 // testContainerRestart: the main process of Throttle's db container is

@@ -47,7 +47,8 @@ const (
 
 // env is the package's cluster with KubeDiskGuard running on it. A new
 // check is a method of env in a file of its own and one line in runChecks;
-// it makes pods with e.fioPod (or e.c.Pod), waits for limits with
+// its limits and waits come from e.f (figures: they scale with the node
+// kind, the checks do not); it makes pods with e.fioPod (or e.c.Pod), waits for limits with
 // e.waitCgroup / e.waitCgroupBy (or reads them with e.iopsAre,
 // cluster.IOLimits), measures with e.nextRun and checkRun, stops and starts
 // KubeDiskGuard through e.g (the guard), and asks e.c.Node for anything on

@@ -103,7 +103,7 @@ func setUpDeployment(t *testing.T) (*env, *deployed) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	e := &env{dir: dir}
+	e := &env{dir: dir, f: figuresFor(nodeKind(t))}
 	for _, sub := range []string{"logs", "overlay"} {
 		if err := os.MkdirAll(filepath.Join(dir, sub), 0o755); err != nil {
 			t.Fatal(err)

@@ -40,12 +40,6 @@ import (
 const (
 	optedIn    = "e2e-on"
 	notOptedIn = "e2e-off"
-	nsIOPS     = 200 // optedIn's default, kubediskguard.io/iops
-	dbRead     = 100 // container.kubediskguard.io/db
-	dbWrite    = 50
-	liveRead   = 300 // kubediskguard.io/read-iops annotated on a running pod
-	totalIOPS  = 500 // DATA_TOTAL_IOPS of testDataTotalIOPS
-	fioSeconds = 4
 	fioFileMiB = 64
 	tolerance  = 0.10
 	repoRoot   = "../.."
@@ -53,7 +47,8 @@ const (
 
 // env is the package's cluster with KubeDiskGuard running on it. A new
 // check is a method of env in a file of its own and one line in runChecks;
-// it makes pods with e.fioPod (or e.c.Pod), waits for limits with
+// its limits and waits come from e.f (figures: they scale with the node
+// kind, the checks do not); it makes pods with e.fioPod (or e.c.Pod), waits for limits with
 // e.waitCgroup / e.waitCgroupBy (or reads them with e.iopsAre,
 // cluster.IOLimits), measures with e.nextRun and checkRun, stops and starts
 // KubeDiskGuard through e.g (the guard), and asks e.c.Node for anything on
@@ -64,6 +59,7 @@ type env struct {
 	c   *cluster.Cluster
 	dir string // on the host: the cluster's state dir, files given to kubectl
 	g   guard
+	f   figures // the checks' limits and waits on this node kind
 }
 
 // data is a path in the node's data dir (on its data disk), as the
@@ -139,11 +135,11 @@ func setUp(t testing.TB) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	e := &env{dir: dir}
+	e := &env{dir: dir, f: figuresFor(cfg.Node)}
 	cfg.Dir = filepath.Join(dir, "cluster")
 	t.Cleanup(func() { e.tearDown(t) })
 
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), e.f.slowed(2*time.Minute))
 	defer cancel()
 	if e.c, err = cluster.Up(ctx, cfg); err != nil {
 		t.Fatalf("cluster up: %v", err)
@@ -168,7 +164,7 @@ func setUp(t testing.TB) *env {
 }
 
 // prepare writes the shared fio data file and makes the test namespaces:
-// optedIn opted in with a default of nsIOPS, notOptedIn not.
+// optedIn opted in with a default of e.f.nsIOPS, notOptedIn not.
 func (e *env) prepare(ctx context.Context) error {
 	if err := cluster.WriteDataFile(ctx, e.c.Node, e.data("read.dat"), fioFileMiB); err != nil {
 		return err
@@ -176,7 +172,7 @@ func (e *env) prepare(ctx context.Context) error {
 	for _, args := range [][]string{
 		{"create", "namespace", optedIn},
 		{"label", "namespace", optedIn, "kubediskguard.io/enabled=true"},
-		{"annotate", "namespace", optedIn, fmt.Sprintf("kubediskguard.io/iops=%d", nsIOPS)},
+		{"annotate", "namespace", optedIn, fmt.Sprintf("kubediskguard.io/iops=%d", e.f.nsIOPS)},
 		{"create", "namespace", notOptedIn},
 	} {
 		if _, err := e.c.Kubectl(ctx, args...); err != nil {
@@ -221,7 +217,7 @@ func (e *env) restoreApplier(t *testing.T) {
 	if e.g.ApplierAsSetUp() {
 		return
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), e.f.slowed(2*time.Minute))
 	defer cancel()
 	if err := e.g.StopApplier(ctx, false); err != nil {
 		t.Errorf("stopping the applier: %v", err)
@@ -248,7 +244,7 @@ func (e *env) fioContainer(name, writeFile string) corev1.Container {
 	script := fmt.Sprintf(`i=0; while :; do i=$((i+1)); sleep 1; `+
 		`/usr/bin/fio --size=%dM --bs=4k --direct=1 --ioengine=libaio --iodepth=8 --runtime=%d --time_based --output-format=json --output=/tmp/fio.json `+
 		`--name=r --filename=/data/read.dat --rw=randread --name=w --filename=/data/%s --rw=randwrite; `+
-		`echo "=== fio run $i"; cat /tmp/fio.json; echo "=== end of fio run $i"; done`, fioFileMiB, fioSeconds, writeFile)
+		`echo "=== fio run $i"; cat /tmp/fio.json; echo "=== end of fio run $i"; done`, fioFileMiB, e.f.fioSeconds, writeFile)
 	return corev1.Container{
 		Name: name, Image: cluster.BusyboxImage, ImagePullPolicy: corev1.PullNever,
 		Command: []string{"sh", "-c", script},
@@ -264,7 +260,7 @@ func (e *env) fioContainer(name, writeFile string) corev1.Container {
 // fioPod is a pod of fioContainers on the data disk, their write files
 // written on the node (outside any throttled cgroup) first.
 func (e *env) fioPod(ns, name string, annotations map[string]string, containers ...string) *corev1.Pod {
-	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), e.f.slowed(time.Minute))
 	defer cancel()
 	p := e.c.Pod(ns, name)
 	p.Annotations = annotations
@@ -287,10 +283,10 @@ func (e *env) fioPod(ns, name string, annotations map[string]string, containers 
 // one with a per-container override and an excluded one (istio-proxy); the
 // same workload in a namespace that did not opt in. All run at once.
 func (e *env) testThrottle(t *testing.T) {
-	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), e.f.slowed(90*time.Second))
 	defer cancel()
 	limited := e.fioPod(optedIn, "limited", map[string]string{
-		"container.kubediskguard.io/db": fmt.Sprintf("read-iops=%d,write-iops=%d", dbRead, dbWrite),
+		"container.kubediskguard.io/db": fmt.Sprintf("read-iops=%d,write-iops=%d", e.f.dbRead, e.f.dbWrite),
 	}, "app", "db", "istio-proxy")
 	free := e.fioPod(notOptedIn, "free", nil, "app")
 	for _, p := range []*corev1.Pod{limited, free} {
@@ -299,10 +295,10 @@ func (e *env) testThrottle(t *testing.T) {
 		}
 	}
 	var err error
-	if limited, err = e.c.WaitRunning(ctx, optedIn, "limited", 60*time.Second); err != nil {
+	if limited, err = e.c.WaitRunning(ctx, optedIn, "limited", e.c.PodTimeout()); err != nil {
 		t.Fatal(err)
 	}
-	if free, err = e.c.WaitRunning(ctx, notOptedIn, "free", 60*time.Second); err != nil {
+	if free, err = e.c.WaitRunning(ctx, notOptedIn, "free", e.c.PodTimeout()); err != nil {
 		t.Fatal(err)
 	}
 	if a := limited.Annotations["kubediskguard.io/limits"]; a == "" {
@@ -320,8 +316,8 @@ func (e *env) testThrottle(t *testing.T) {
 		read, write int // 0: not throttled
 	}
 	cases := []want{
-		{limited, "app", nsIOPS, nsIOPS},
-		{limited, "db", dbRead, dbWrite},
+		{limited, "app", e.f.nsIOPS, e.f.nsIOPS},
+		{limited, "db", e.f.dbRead, e.f.dbWrite},
 		{limited, "istio-proxy", 0, 0},
 		{free, "app", 0, 0},
 	}
@@ -337,7 +333,7 @@ func (e *env) testThrottle(t *testing.T) {
 			e.waitCgroup(ctx, t, w.pod, w.container, 0, 0)
 		}
 	}
-	maxLimit := float64(nsIOPS)
+	maxLimit := float64(e.f.nsIOPS)
 	for _, w := range cases {
 		what := fmt.Sprintf("%s/%s %s", w.pod.Namespace, w.pod.Name, w.container)
 		if w.read != 0 {
@@ -414,7 +410,7 @@ func checkRun(t *testing.T, what string, r kdg.FioRun, read, write int) {
 // device), and returns when it saw them.
 func (e *env) waitCgroup(ctx context.Context, t *testing.T, pod *corev1.Pod, container string, read, write int) time.Time {
 	t.Helper()
-	return e.waitCgroupBy(ctx, t, time.Now().Add(30*time.Second), pod, container, read, write)
+	return e.waitCgroupBy(ctx, t, time.Now().Add(e.f.slowed(30*time.Second)), pod, container, read, write)
 }
 
 // waitCgroupBy is waitCgroup with a deadline.
@@ -461,21 +457,21 @@ func (e *env) iopsAre(ctx context.Context, dir string, read, write int) (string,
 
 // nextRun waits for the container's first fio run that started after since.
 func (e *env) nextRun(ctx context.Context, pod *corev1.Pod, container string, since time.Time) (kdg.FioRun, error) {
-	return kdg.NextRun(ctx, e.c.Client, pod, container, since, 3*(fioSeconds+2)*time.Second)
+	return kdg.NextRun(ctx, e.c.Client, pod, container, since, e.f.slowed(time.Duration(3*(e.f.fioSeconds+2))*time.Second))
 }
 
 // testWebhookDown: with the webhook stopped, the apiserver refuses pods in
 // the opted-in namespace (failurePolicy Fail) and still admits them
 // elsewhere; once it is back, opted-in pods are admitted with limits.
 func (e *env) testWebhookDown(t *testing.T) {
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), e.f.slowed(3*time.Minute))
 	defer cancel()
 	pods := e.c.Client.CoreV1()
 	if err := e.g.StopWebhook(ctx); err != nil {
 		t.Fatalf("stopping the webhook: %v", err)
 	}
 	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		ctx, cancel := context.WithTimeout(context.Background(), e.f.slowed(2*time.Minute))
 		defer cancel()
 		if err := e.g.StartWebhook(ctx); err != nil {
 			t.Errorf("restarting the webhook: %v", err)
@@ -502,7 +498,7 @@ func (e *env) testWebhookDown(t *testing.T) {
 		t.Fatalf("restarting the webhook: %v", err)
 	}
 	var p *corev1.Pod
-	if err := cluster.Poll(ctx, "creating a pod", 200*time.Millisecond, 15*time.Second, func() (err error) {
+	if err := cluster.Poll(ctx, "creating a pod", 200*time.Millisecond, e.f.slowed(15*time.Second), func() (err error) {
 		p, err = pods.Pods(optedIn).Create(ctx, e.c.Pod(optedIn, "after-restart", "sleep", "inf"), metav1.CreateOptions{})
 		return err
 	}); err != nil {

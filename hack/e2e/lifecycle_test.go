@@ -17,7 +17,8 @@ import (
 
 // applierCatchUp is how soon after its start a restarted applier must have
 // limited the containers it missed: by the full pass at start (the periodic
-// one never runs in the checks: checkInterval).
+// one never runs in the checks: checkInterval). On the host; figures.slowed
+// scales it to the node kind.
 const applierCatchUp = 4 * time.Second
 
 // testContainerRestart: the main process of Throttle's db container is
@@ -27,7 +28,7 @@ const applierCatchUp = 4 * time.Second
 // container's sh handles none); the kubelet starts a new container, whose
 // cgroup gets db's limits and whose fio measures them.
 func (e *env) testContainerRestart(t *testing.T) {
-	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), e.f.slowed(90*time.Second))
 	defer cancel()
 	const container = "db"
 	pod := e.pod(ctx, t, optedIn, "limited")
@@ -49,9 +50,9 @@ func (e *env) testContainerRestart(t *testing.T) {
 	t.Logf("killed %s's process %d (container %.12s); the kubelet started container %.12s, restartCount %d → %d, %s later",
 		container, pid, oldID, newID, oldRestarts, restartCount(pod, container), time.Since(killed).Round(time.Millisecond))
 
-	since := e.waitCgroup(ctx, t, pod, container, dbRead, dbWrite)
-	t.Logf("the new container's cgroup seen holding read %d / write %d IOPS %s after the kill", dbRead, dbWrite, since.Sub(killed).Round(time.Millisecond))
-	e.measureLimited(ctx, t, pod, container, since, fmt.Sprintf("%s/%s %s (restarted)", pod.Namespace, pod.Name, container), dbRead, dbWrite)
+	since := e.waitCgroup(ctx, t, pod, container, e.f.dbRead, e.f.dbWrite)
+	t.Logf("the new container's cgroup seen holding read %d / write %d IOPS %s after the kill", e.f.dbRead, e.f.dbWrite, since.Sub(killed).Round(time.Millisecond))
+	e.measureLimited(ctx, t, pod, container, since, fmt.Sprintf("%s/%s %s (restarted)", pod.Namespace, pod.Name, container), e.f.dbRead, e.f.dbWrite)
 }
 
 // testAnnotateLive: `kubectl annotate` of a pod-level read limit on
@@ -61,11 +62,11 @@ func (e *env) testContainerRestart(t *testing.T) {
 // per-container annotation (it beats the pod's), istio-proxy stays
 // excluded.
 func (e *env) testAnnotateLive(t *testing.T) {
-	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), e.f.slowed(90*time.Second))
 	defer cancel()
 	annotated := time.Now()
 	if _, err := e.c.Kubectl(ctx, "annotate", "pod", "-n", optedIn, "limited",
-		fmt.Sprintf("kubediskguard.io/read-iops=%d", liveRead), "--overwrite"); err != nil {
+		fmt.Sprintf("kubediskguard.io/read-iops=%d", e.f.liveRead), "--overwrite"); err != nil {
 		t.Fatal(err)
 	}
 	pod := e.pod(ctx, t, optedIn, "limited")
@@ -76,8 +77,8 @@ func (e *env) testAnnotateLive(t *testing.T) {
 		t.Fatal(err)
 	}
 	for c, want := range map[string]limits.Limits{
-		"app": {ReadIOPS: liveRead, WriteIOPS: nsIOPS},
-		"db":  {ReadIOPS: dbRead, WriteIOPS: dbWrite},
+		"app": {ReadIOPS: uint64(e.f.liveRead), WriteIOPS: uint64(e.f.nsIOPS)},
+		"db":  {ReadIOPS: uint64(e.f.dbRead), WriteIOPS: uint64(e.f.dbWrite)},
 	} {
 		if res[c] != want {
 			t.Errorf("resolved limits of %s: %+v, want %+v", c, res[c], want)
@@ -87,11 +88,11 @@ func (e *env) testAnnotateLive(t *testing.T) {
 		t.Errorf("istio-proxy (excluded) got limits %+v", l)
 	}
 
-	since := e.waitCgroup(ctx, t, pod, "app", liveRead, nsIOPS)
-	t.Logf("app's cgroup seen holding read %d IOPS %s after kubectl annotate was started", liveRead, since.Sub(annotated).Round(time.Millisecond))
-	e.waitCgroup(ctx, t, pod, "db", dbRead, dbWrite)
+	since := e.waitCgroup(ctx, t, pod, "app", e.f.liveRead, e.f.nsIOPS)
+	t.Logf("app's cgroup seen holding read %d IOPS %s after kubectl annotate was started", e.f.liveRead, since.Sub(annotated).Round(time.Millisecond))
+	e.waitCgroup(ctx, t, pod, "db", e.f.dbRead, e.f.dbWrite)
 	e.waitCgroup(ctx, t, pod, "istio-proxy", 0, 0)
-	e.measureLimited(ctx, t, pod, "app", since, fmt.Sprintf("%s/%s app (annotated)", pod.Namespace, pod.Name), liveRead, nsIOPS)
+	e.measureLimited(ctx, t, pod, "app", since, fmt.Sprintf("%s/%s app (annotated)", pod.Namespace, pod.Name), e.f.liveRead, e.f.nsIOPS)
 }
 
 // testApplierCrash: the applier is SIGKILLed; opted-in pods are created and
@@ -99,7 +100,7 @@ func (e *env) testAnnotateLive(t *testing.T) {
 // with the same settings, every one of their containers gets its own limits
 // within applierCatchUp, and fio in one of them measures them.
 func (e *env) testApplierCrash(t *testing.T) {
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), e.f.slowed(2*time.Minute))
 	defer cancel()
 	t.Cleanup(func() { e.restoreApplier(t) })
 	if err := e.g.StopApplier(ctx, true); err != nil {
@@ -112,12 +113,12 @@ func (e *env) testApplierCrash(t *testing.T) {
 		read, write int
 	}
 	var cases []want
-	for i, w := range []int{110, 120, 130} { // each pod its own write limit
+	for i, w := range e.f.crashWrite { // each pod its own write limit
 		p := e.c.Pod(optedIn, fmt.Sprintf("crash-%d", i), "sleep", "inf")
 		p.Annotations = map[string]string{"kubediskguard.io/write-iops": strconv.Itoa(w)}
-		cases = append(cases, want{p, "main", nsIOPS, w})
+		cases = append(cases, want{p, "main", e.f.nsIOPS, w})
 	}
-	const fioIOPS = 150
+	fioIOPS := e.f.crashFio
 	fio := e.fioPod(optedIn, "crash-fio", map[string]string{"kubediskguard.io/iops": strconv.Itoa(fioIOPS)}, "app")
 	cases = append(cases, want{fio, "app", fioIOPS, fioIOPS})
 	pods := e.c.Client.CoreV1().Pods(optedIn)
@@ -132,7 +133,7 @@ func (e *env) testApplierCrash(t *testing.T) {
 		}
 	}
 	for i, w := range cases {
-		p, err := e.c.WaitRunning(ctx, optedIn, w.pod.Name, 60*time.Second)
+		p, err := e.c.WaitRunning(ctx, optedIn, w.pod.Name, e.c.PodTimeout())
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -155,7 +156,7 @@ func (e *env) testApplierCrash(t *testing.T) {
 	ready := time.Since(started)
 	var since time.Time
 	for _, w := range cases {
-		if s := e.waitCgroupBy(ctx, t, started.Add(applierCatchUp), w.pod, w.container, w.read, w.write); s.After(since) {
+		if s := e.waitCgroupBy(ctx, t, started.Add(e.f.slowed(applierCatchUp)), w.pod, w.container, w.read, w.write); s.After(since) {
 			since = s
 		}
 	}
@@ -179,7 +180,7 @@ func restartCount(pod *corev1.Pod, container string) int32 {
 func (e *env) waitRestarted(ctx context.Context, t *testing.T, pod *corev1.Pod, container, oldID string, oldRestarts int32) *corev1.Pod {
 	t.Helper()
 	var p *corev1.Pod
-	if err := cluster.Poll(ctx, "restart", 200*time.Millisecond, 60*time.Second, func() (err error) {
+	if err := cluster.Poll(ctx, "restart", 200*time.Millisecond, e.f.slowed(60*time.Second), func() (err error) {
 		if p, err = e.c.Client.CoreV1().Pods(pod.Namespace).Get(ctx, pod.Name, metav1.GetOptions{}); err != nil {
 			return err
 		}

@@ -31,7 +31,7 @@ import (
 // containers' own limits alone; restarted with the setting gone after a cap
 // was set, the default (0: off) clears it again.
 func (e *env) testDataTotalIOPS(t *testing.T) {
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), e.f.slowed(2*time.Minute))
 	defer cancel()
 	t.Cleanup(func() { e.restoreApplier(t) })
 	layout := e.c.Node.Layout()
@@ -46,22 +46,22 @@ func (e *env) testDataTotalIOPS(t *testing.T) {
 	}
 	waitCap := func(iops uint64) time.Time { t.Helper(); return e.waitNodeCap(ctx, t, iops) }
 
-	restart(fmt.Sprintf("DATA_TOTAL_IOPS=%d", totalIOPS))
-	since := waitCap(totalIOPS)
+	restart(fmt.Sprintf("DATA_TOTAL_IOPS=%d", e.f.totalIOPS))
+	since := waitCap(uint64(e.f.totalIOPS))
 	log := e.applierLog(ctx, t)
 	n, noticed := v1Notice(log)
 	switch {
 	case layout.Cgroup == cgroup.V1 && !noticed:
 		t.Errorf("the applier did not log that on cgroup v1 DATA_TOTAL_IOPS does not cap the pods below kubepods; its log:\n%s", tail(log, 20))
-	case layout.Cgroup == cgroup.V1 && n.DataTotalIOPS != totalIOPS:
-		t.Errorf("the applier's cgroup v1 notice names dataTotalIOPS %d, want %d: %s", n.DataTotalIOPS, totalIOPS, n.Msg)
+	case layout.Cgroup == cgroup.V1 && n.DataTotalIOPS != uint64(e.f.totalIOPS):
+		t.Errorf("the applier's cgroup v1 notice names dataTotalIOPS %d, want %d: %s", n.DataTotalIOPS, e.f.totalIOPS, n.Msg)
 	case layout.Cgroup == cgroup.V1:
 		t.Logf("the applier logged: %s (dataTotalIOPS %d)", n.Msg, n.DataTotalIOPS)
 	case noticed:
 		t.Errorf("on cgroup %s the applier logs the cgroup v1 notice: %s", layout.Cgroup, n.Msg)
 	}
-	if n, ok := findLog(log, "DATA_TOTAL_IOPS is set", "kube-system"); !ok || n.DataTotalIOPS != totalIOPS {
-		t.Errorf("the applier did not log at start that DATA_TOTAL_IOPS=%d caps all pods, kube-system included (found %v: %+v); its log:\n%s", totalIOPS, ok, n, tail(log, 20))
+	if n, ok := findLog(log, "DATA_TOTAL_IOPS is set", "kube-system"); !ok || n.DataTotalIOPS != uint64(e.f.totalIOPS) {
+		t.Errorf("the applier did not log at start that DATA_TOTAL_IOPS=%d caps all pods, kube-system included (found %v: %+v); its log:\n%s", e.f.totalIOPS, ok, n, tail(log, 20))
 	}
 	// What the notice says (or, on v2, that the cap holds): a pod below
 	// kubepods, not limited itself.
@@ -70,15 +70,15 @@ func (e *env) testDataTotalIOPS(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Logf("%s/free app with kubepods capped at %d: read %.1f write %.1f IOPS", notOptedIn, totalIOPS, r.ReadIOPS, r.WriteIOPS)
+	t.Logf("%s/free app with kubepods capped at %d: read %.1f write %.1f IOPS", notOptedIn, e.f.totalIOPS, r.ReadIOPS, r.WriteIOPS)
 	if layout.Cgroup == cgroup.V1 {
-		if r.ReadIOPS < 2*totalIOPS || r.WriteIOPS < 2*totalIOPS {
+		if r.ReadIOPS < float64(2*e.f.totalIOPS) || r.WriteIOPS < float64(2*e.f.totalIOPS) {
 			t.Errorf("%s/free app: read %.1f write %.1f IOPS with kubepods capped at %d, want both above %d: the cap held a pod below kubepods on cgroup v1, contrary to what the applier logs and the README says",
-				notOptedIn, r.ReadIOPS, r.WriteIOPS, totalIOPS, 2*totalIOPS)
+				notOptedIn, r.ReadIOPS, r.WriteIOPS, e.f.totalIOPS, 2*e.f.totalIOPS)
 		}
-	} else if limit := totalIOPS * (1 + v2Overshoot); r.ReadIOPS > limit || r.WriteIOPS > limit {
+	} else if limit := float64(e.f.totalIOPS) * (1 + v2Overshoot); r.ReadIOPS > limit || r.WriteIOPS > limit {
 		t.Errorf("%s/free app: read %.1f write %.1f IOPS with kubepods capped at %d on cgroup %s, want both at most %.0f: the cap does not hold the pods below kubepods",
-			notOptedIn, r.ReadIOPS, r.WriteIOPS, totalIOPS, layout.Cgroup, limit)
+			notOptedIn, r.ReadIOPS, r.WriteIOPS, e.f.totalIOPS, layout.Cgroup, limit)
 	}
 
 	restart("DATA_TOTAL_IOPS=0")
@@ -88,11 +88,11 @@ func (e *env) testDataTotalIOPS(t *testing.T) {
 	}
 	// Clearing the cap leaves the containers' own limits.
 	limited := e.pod(ctx, t, optedIn, "limited")
-	e.waitCgroupBy(ctx, t, time.Now(), limited, "db", dbRead, dbWrite)
+	e.waitCgroupBy(ctx, t, time.Now(), limited, "db", e.f.dbRead, e.f.dbWrite)
 
 	// The default is off: a cap set before and the setting removed is cleared.
-	restart(fmt.Sprintf("DATA_TOTAL_IOPS=%d", totalIOPS))
-	waitCap(totalIOPS)
+	restart(fmt.Sprintf("DATA_TOTAL_IOPS=%d", e.f.totalIOPS))
+	waitCap(uint64(e.f.totalIOPS))
 	restart()
 	waitCap(0)
 	if _, ok := findLog(e.applierLog(ctx, t), "DATA_TOTAL_IOPS is set"); ok {
@@ -108,7 +108,7 @@ func (e *env) waitNodeCap(ctx context.Context, t *testing.T, iops uint64) time.T
 	disk := e.c.Node.DataDisk()
 	kubepods := e.c.Node.Layout().KubepodsCgroup()
 	var got string
-	if err := cluster.Poll(ctx, "kubepods cap", 100*time.Millisecond, 5*time.Second, func() error {
+	if err := cluster.Poll(ctx, "kubepods cap", 100*time.Millisecond, e.f.slowed(5*time.Second), func() error {
 		l, err := cluster.IOLimits(ctx, e.c.Node, kubepods)
 		if err != nil {
 			got = err.Error()

@@ -17,9 +17,6 @@ import (
 const (
 	policyNS = "e2e-policy" // not opted in until testPolicyReachesRunningPods labels it
 	// The namespace's policy, step by step.
-	policyIOPS     = 150 // kubediskguard.io/iops, there before the opt-in
-	policyReadIOPS = 250 // kubediskguard.io/read-iops, annotated once opted in
-	policyMaxIOPS  = 100 // kubediskguard.io/max-iops, annotated last
 	// policyReach is how soon after `kubectl label/annotate namespace` the
 	// running container's cgroup must hold the namespace's new limits.
 	policyReach = 10 * time.Second
@@ -36,11 +33,11 @@ const (
 // the stamp) and fio measures them; opted out, it runs unthrottled. The
 // container is never restarted.
 func (e *env) testPolicyReachesRunningPods(t *testing.T) {
-	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), e.f.slowed(4*time.Minute))
 	defer cancel()
 	for _, args := range [][]string{
 		{"create", "namespace", policyNS},
-		{"annotate", "namespace", policyNS, fmt.Sprintf("kubediskguard.io/iops=%d", policyIOPS)},
+		{"annotate", "namespace", policyNS, fmt.Sprintf("kubediskguard.io/iops=%d", e.f.policyIOPS)},
 	} {
 		if _, err := e.c.Kubectl(ctx, args...); err != nil {
 			t.Fatal(err)
@@ -60,7 +57,7 @@ func (e *env) testPolicyReachesRunningPods(t *testing.T) {
 		zero := int64(0)
 		pods.Delete(context.Background(), pod.Name, metav1.DeleteOptions{GracePeriodSeconds: &zero})
 	})
-	pod, err := e.c.WaitRunning(ctx, policyNS, pod.Name, 60*time.Second)
+	pod, err := e.c.WaitRunning(ctx, policyNS, pod.Name, e.c.PodTimeout())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -76,9 +73,9 @@ func (e *env) testPolicyReachesRunningPods(t *testing.T) {
 		kubectl     []string
 		read, write int // 0: unthrottled, no stamp
 	}{
-		{"opt-in", []string{"label", "namespace", policyNS, limits.EnabledLabel + "=true"}, policyIOPS, policyIOPS},
-		{"new default", []string{"annotate", "namespace", policyNS, fmt.Sprintf("kubediskguard.io/read-iops=%d", policyReadIOPS)}, policyReadIOPS, policyIOPS},
-		{"ceiling", []string{"annotate", "namespace", policyNS, fmt.Sprintf("%s=%d", limits.MaxIOPSAnnotation, policyMaxIOPS)}, policyMaxIOPS, policyMaxIOPS},
+		{"opt-in", []string{"label", "namespace", policyNS, limits.EnabledLabel + "=true"}, e.f.policyIOPS, e.f.policyIOPS},
+		{"new default", []string{"annotate", "namespace", policyNS, fmt.Sprintf("kubediskguard.io/read-iops=%d", e.f.policyRead)}, e.f.policyRead, e.f.policyIOPS},
+		{"ceiling", []string{"annotate", "namespace", policyNS, fmt.Sprintf("%s=%d", limits.MaxIOPSAnnotation, e.f.policyMax)}, e.f.policyMax, e.f.policyMax},
 		{"opt-out", []string{"label", "namespace", policyNS, limits.EnabledLabel + "-"}, 0, 0},
 	}
 	for _, s := range steps {
@@ -86,7 +83,7 @@ func (e *env) testPolicyReachesRunningPods(t *testing.T) {
 		if _, err := e.c.Kubectl(ctx, s.kubectl...); err != nil {
 			t.Fatal(err)
 		}
-		since := e.waitCgroupBy(ctx, t, start.Add(policyReach), pod, "app", s.read, s.write)
+		since := e.waitCgroupBy(ctx, t, start.Add(e.f.slowed(policyReach)), pod, "app", s.read, s.write)
 		t.Logf("%-11s (kubectl %s): the running container's cgroup held read %d / write %d IOPS %s after kubectl started",
 			s.what, strings.Join(s.kubectl, " "), s.read, s.write, since.Sub(start).Round(time.Millisecond))
 		pod = e.pod(ctx, t, policyNS, pod.Name)
@@ -110,8 +107,8 @@ func (e *env) testPolicyReachesRunningPods(t *testing.T) {
 			t.Fatal(err)
 		}
 		t.Logf("%-28s read %7.1f IOPS  write %7.1f IOPS (unthrottled)", what, r.ReadIOPS, r.WriteIOPS)
-		if r.ReadIOPS < 1.5*policyReadIOPS {
-			t.Errorf("%s: %.1f read IOPS: throttled, want > %.0f (not limited)", what, r.ReadIOPS, 1.5*policyReadIOPS)
+		if r.ReadIOPS < 1.5*float64(e.f.policyRead) {
+			t.Errorf("%s: %.1f read IOPS: throttled, want > %.0f (not limited)", what, r.ReadIOPS, 1.5*float64(e.f.policyRead))
 		}
 	}
 	if now := cluster.ContainerID(pod, "app"); now != id || restartCount(pod, "app") != 0 {
@@ -138,7 +135,7 @@ func (e *env) testPolicyReachesRunningPods(t *testing.T) {
 func (e *env) waitPolicyLeader(ctx context.Context, t *testing.T) {
 	t.Helper()
 	after := metav1.NewMicroTime(time.Now())
-	if err := cluster.Poll(ctx, "a live leader of Lease "+policyLease, 200*time.Millisecond, 60*time.Second, func() error {
+	if err := cluster.Poll(ctx, "a live leader of Lease "+policyLease, 200*time.Millisecond, e.f.slowed(60*time.Second), func() error {
 		list, err := e.c.Client.CoordinationV1().Leases(metav1.NamespaceAll).List(ctx, metav1.ListOptions{FieldSelector: "metadata.name=" + policyLease})
 		if err != nil {
 			return err

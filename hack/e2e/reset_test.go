@@ -24,25 +24,25 @@ import (
 // it cleared; run again, it finds nothing. The applier started again
 // limits the containers again.
 func (e *env) testReset(t *testing.T) {
-	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), e.f.slowed(4*time.Minute))
 	defer cancel()
 	t.Cleanup(func() { e.restoreApplier(t) })
 	limited := e.pod(ctx, t, optedIn, "limited")
 	if err := e.g.StopApplier(ctx, false); err != nil {
 		t.Fatalf("stopping the applier: %v", err)
 	}
-	if err := e.g.StartApplier(ctx, fmt.Sprintf("DATA_TOTAL_IOPS=%d", totalIOPS)); err != nil {
-		t.Fatalf("starting the applier with DATA_TOTAL_IOPS=%d: %v", totalIOPS, err)
+	if err := e.g.StartApplier(ctx, fmt.Sprintf("DATA_TOTAL_IOPS=%d", e.f.totalIOPS)); err != nil {
+		t.Fatalf("starting the applier with DATA_TOTAL_IOPS=%d: %v", e.f.totalIOPS, err)
 	}
-	e.waitNodeCap(ctx, t, totalIOPS)
-	e.waitCgroup(ctx, t, limited, "db", dbRead, dbWrite)
+	e.waitNodeCap(ctx, t, uint64(e.f.totalIOPS))
+	e.waitCgroup(ctx, t, limited, "db", e.f.dbRead, e.f.dbWrite)
 
 	if err := e.g.StopApplier(ctx, false); err != nil {
 		t.Fatalf("stopping the applier: %v", err)
 	}
 	// Stopped: nothing cleared on the way out.
-	e.waitCgroupBy(ctx, t, time.Now(), limited, "db", dbRead, dbWrite)
-	e.waitNodeCap(ctx, t, totalIOPS)
+	e.waitCgroupBy(ctx, t, time.Now(), limited, "db", e.f.dbRead, e.f.dbWrite)
+	e.waitNodeCap(ctx, t, uint64(e.f.totalIOPS))
 	t.Log("applier stopped (SIGTERM): the containers' limits and the node cap are still there")
 
 	start := time.Now()
@@ -69,7 +69,7 @@ func (e *env) testReset(t *testing.T) {
 	if err := e.g.StartApplier(ctx); err != nil {
 		t.Fatalf("starting the applier again: %v", err)
 	}
-	e.waitCgroup(ctx, t, limited, "db", dbRead, dbWrite)
+	e.waitCgroup(ctx, t, limited, "db", e.f.dbRead, e.f.dbWrite)
 	e.waitNodeCap(ctx, t, 0)
 }
 

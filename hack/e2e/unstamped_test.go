@@ -27,7 +27,7 @@ const lateNS = "e2e-late"
 // and the stamp is removed (what the webhook's controller does): the
 // applier clears the running container's limits live.
 func (e *env) testUnstampedPod(t *testing.T) {
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), e.f.slowed(3*time.Minute))
 	defer cancel()
 	core := e.c.Client.CoreV1()
 	if _, err := e.c.Kubectl(ctx, "create", "namespace", lateNS); err != nil {
@@ -45,7 +45,7 @@ func (e *env) testUnstampedPod(t *testing.T) {
 	if _, err := core.Pods(lateNS).Create(ctx, e.c.Pod(lateNS, "late", "sleep", "inf"), metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	pod, err := e.c.WaitRunning(ctx, lateNS, "late", 60*time.Second)
+	pod, err := e.c.WaitRunning(ctx, lateNS, "late", e.c.PodTimeout())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -57,7 +57,7 @@ func (e *env) testUnstampedPod(t *testing.T) {
 		t.Fatalf("stopping the webhook: %v", err)
 	}
 	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		ctx, cancel := context.WithTimeout(context.Background(), e.f.slowed(2*time.Minute))
 		defer cancel()
 		if err := e.g.StartWebhook(ctx); err != nil {
 			t.Errorf("restarting the webhook: %v", err)
@@ -74,7 +74,7 @@ func (e *env) testUnstampedPod(t *testing.T) {
 		}
 		return list.Items
 	}
-	if err := cluster.Poll(ctx, "IOLimitsMissing event", 500*time.Millisecond, 45*time.Second, func() error {
+	if err := cluster.Poll(ctx, "IOLimitsMissing event", 500*time.Millisecond, e.f.slowed(45*time.Second), func() error {
 		if len(missing()) == 0 {
 			return fmt.Errorf("none yet")
 		}

@@ -538,15 +538,7 @@ func (c *Cluster) startAPIServer(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	if err := c.writeKubeconfig(c.Kubeconfig, "admin"); err != nil {
-		return err
-	}
-	rc, err := clientcmd.BuildConfigFromFlags("", c.Kubeconfig)
-	if err != nil {
-		return err
-	}
-	c.Client, err = kubernetes.NewForConfig(rc)
-	if err != nil {
+	if err := c.connectAdmin(); err != nil {
 		return err
 	}
 	return c.wait(ctx, "kube-apiserver", proc, 60*time.Second, func() error {
@@ -830,4 +822,18 @@ func EmptyOwnedDir(dir string, owned map[string]bool, owner string) error {
 		}
 	}
 	return nil
+}
+
+// connectAdmin writes the cluster-admin kubeconfig (c.Kubeconfig) for the
+// apiserver at c.APIServerPort and makes c.Client from it.
+func (c *Cluster) connectAdmin() error {
+	if err := c.writeKubeconfig(c.Kubeconfig, "admin"); err != nil {
+		return err
+	}
+	rc, err := clientcmd.BuildConfigFromFlags("", c.Kubeconfig)
+	if err != nil {
+		return err
+	}
+	c.Client, err = kubernetes.NewForConfig(rc)
+	return err
 }

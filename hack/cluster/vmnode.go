@@ -22,8 +22,6 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/kubediskguard/kubediskguard/applier/cgroup"
 	"github.com/kubediskguard/kubediskguard/applier/device"
@@ -246,15 +244,7 @@ func (c *Cluster) connectVM(im vmImage, apiPort int) error {
 	}
 	c.ca = ca
 	c.APIServerPort = apiPort
-	if err := c.writeKubeconfig(c.Kubeconfig, "admin"); err != nil {
-		return err
-	}
-	rc, err := clientcmd.BuildConfigFromFlags("", c.Kubeconfig)
-	if err != nil {
-		return err
-	}
-	c.Client, err = kubernetes.NewForConfig(rc)
-	return err
+	return c.connectAdmin()
 }
 
 // ensureVMSnapshot boots the image once, waits until its node is Ready and

@@ -63,33 +63,10 @@ func testClusterUpSmokeDown(t *testing.T, cfg Config) {
 
 	before := snapshotForTest(t, dir)
 
-	// Ctrl-C (or a kill from `go test -timeout`'s SIGQUIT is not catchable;
-	// SIGINT/SIGTERM are) must not leave a kubelet behind.
-	sigs := make(chan os.Signal, 1)
-	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
-	defer func() { signal.Stop(sigs); close(sigs) }()
-	go func() {
-		if _, ok := <-sigs; ok {
-			fmt.Fprintln(os.Stderr, "signal: tearing the cluster down")
-			Down(dir, os.Stderr)
-			os.Exit(1)
-		}
-	}()
+	downing := downOnExit(t, dir, "the cluster", nil)
 
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	downDone := false
-	t.Cleanup(func() {
-		if !downDone {
-			if err := Down(dir, os.Stderr); err != nil {
-				t.Errorf("teardown: %v", err)
-			}
-		}
-		if t.Failed() {
-			dumpLogs(t, filepath.Join(dir, "logs"))
-		}
-		os.RemoveAll(dir)
-	})
 
 	start := time.Now()
 	c, err := Up(ctx, cfg)
@@ -116,7 +93,7 @@ func testClusterUpSmokeDown(t *testing.T, cfg Config) {
 
 	taskIDs, _ := listDir(filepath.Join(c.ContainerdStateDir, "io.containerd.runtime.v2.task", "k8s.io"))
 	start = time.Now()
-	downDone = true
+	downing()
 	if err := Down(dir, testWriter{t}); err != nil {
 		t.Fatalf("down: %v", err)
 	}
@@ -422,4 +399,40 @@ func TestStaleKubepodsRemoved(t *testing.T) {
 	if _, err := os.Stat(kp); !os.IsNotExist(err) {
 		t.Fatalf("the empty kubepods tree %s is still there (%v)", kp, err)
 	}
+}
+
+// downOnExit makes sure the cluster in dir is torn down however the test
+// ends: on SIGINT/SIGTERM (then the process exits), and in a cleanup unless
+// the test called the returned func before its own Down. A failed test
+// logs the cluster's logs, then what failLog adds.
+func downOnExit(t *testing.T, dir, what string, failLog func()) (downing func()) {
+	// Ctrl-C (or a kill from `go test -timeout`'s SIGQUIT is not catchable;
+	// SIGINT/SIGTERM are) must not leave a kubelet or a VM behind.
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
+	go func() {
+		if _, ok := <-sigs; ok {
+			fmt.Fprintln(os.Stderr, "signal: tearing "+what+" down")
+			Down(dir, os.Stderr)
+			os.Exit(1)
+		}
+	}()
+	downDone := false
+	t.Cleanup(func() {
+		signal.Stop(sigs)
+		close(sigs)
+		if !downDone {
+			if err := Down(dir, os.Stderr); err != nil {
+				t.Errorf("teardown: %v", err)
+			}
+		}
+		if t.Failed() {
+			dumpLogs(t, filepath.Join(dir, "logs"))
+			if failLog != nil {
+				failLog()
+			}
+		}
+		os.RemoveAll(dir)
+	})
+	return func() { downDone = true }
 }

@@ -5,11 +5,9 @@ import (
 	"fmt"
 	"net"
 	"os"
-	"os/signal"
 	"path"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -48,36 +46,16 @@ func TestV2NodeUpSmokeDown(t *testing.T) {
 	}
 	cfg.Dir = dir
 
-	sigs := make(chan os.Signal, 1)
-	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
-	defer func() { signal.Stop(sigs); close(sigs) }()
-	go func() {
-		if _, ok := <-sigs; ok {
-			fmt.Fprintln(os.Stderr, "signal: tearing the v2 node down")
-			Down(dir, os.Stderr)
-			os.Exit(1)
+	downing := downOnExit(t, dir, "the v2 node", func() {
+		if b, err := os.ReadFile(filepath.Join(dir, "vm", "console.log")); err == nil {
+			t.Logf("--- console\n%s", lastLines(string(b), 40))
 		}
-	}()
+	})
 
 	// A cold cache builds the image (~20 min on a busy machine) and its
 	// snapshot first.
 	ctx, cancel := context.WithTimeout(context.Background(), 50*time.Minute)
 	defer cancel()
-	downDone := false
-	t.Cleanup(func() {
-		if !downDone {
-			if err := Down(dir, os.Stderr); err != nil {
-				t.Errorf("teardown: %v", err)
-			}
-		}
-		if t.Failed() {
-			dumpLogs(t, filepath.Join(dir, "logs"))
-			if b, err := os.ReadFile(filepath.Join(dir, "vm", "console.log")); err == nil {
-				t.Logf("--- console\n%s", lastLines(string(b), 40))
-			}
-		}
-		os.RemoveAll(dir)
-	})
 
 	start := time.Now()
 	c, err := Up(ctx, cfg)
@@ -130,7 +108,7 @@ func TestV2NodeUpSmokeDown(t *testing.T) {
 	api := fmt.Sprintf("127.0.0.1:%d", c.State.VM.APIPort)
 	vmDir := c.State.VM.Dir
 	start = time.Now()
-	downDone = true
+	downing()
 	if err := Down(dir, testWriter{t}); err != nil {
 		t.Fatalf("down: %v", err)
 	}

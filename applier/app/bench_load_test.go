@@ -16,7 +16,6 @@ import (
 	"github.com/containerd/containerd/v2/pkg/cio"
 
 	"github.com/kubediskguard/kubediskguard/hack/runtimetest"
-	"github.com/kubediskguard/kubediskguard/shared/limits"
 )
 
 // BenchmarkReactionUnderLoad is BenchmarkReaction on a busy node: every
@@ -43,18 +42,7 @@ func benchmarkReactionUnderLoad(b *testing.B, d *runtimetest.Containerd) {
 		}
 	}
 	n -= n % startBurst
-	p := controlPlane(b)
-	dk := newDisk(b)
-	rootfs := runtimetest.Rootfs(b, d.Dir())
-	ns := p.namespace(b)
-	dk.file(b, "data", 32<<20)
-	a := startApplier(b, p, append(containerdArgs(d, noInterval), "--data-devices", dk.dev.String())...)
-	a.waitReady(b, 30*time.Second)
-	te := watchTasks(b, d)
-	var pods []kpod
-	for i := range 2 * n {
-		pods = append(pods, onNode(b, d, p.createPod(b, ns, fmt.Sprintf("p%d", i), limits.Resolved{"app": {ReadIOPS: 100}}, "app")))
-	}
+	dk, rootfs, a, te, pods := reactionRig(b, d, 2*n)
 	time.Sleep(time.Second) // the applier's informer has the pods
 	hogs(b, runtime.NumCPU())
 	time.Sleep(time.Second)

@@ -119,6 +119,27 @@ func watchLimit(dk *disk, dir string, want uint64, timeout time.Duration) <-chan
 	return out
 }
 
+// reactionRig is what the reaction benchmarks start with: a data disk with
+// a 32 MiB file the containers read, their root filesystem, an applier
+// limiting that disk on d with the periodic pass off, containerd's task
+// events watched, and n pods on the node stamped read-iops=100 for a
+// container "app".
+func reactionRig(b *testing.B, d *runtimetest.Containerd, n int) (*disk, string, *applier, *taskEvents, []kpod) {
+	p := controlPlane(b)
+	dk := newDisk(b)
+	rootfs := runtimetest.Rootfs(b, d.Dir())
+	ns := p.namespace(b)
+	dk.file(b, "data", 32<<20)
+	a := startApplier(b, p, append(containerdArgs(d, noInterval), "--data-devices", dk.dev.String())...)
+	a.waitReady(b, 30*time.Second)
+	te := watchTasks(b, d)
+	var pods []kpod
+	for i := range n {
+		pods = append(pods, onNode(b, d, p.createPod(b, ns, fmt.Sprintf("p%d", i), limits.Resolved{"app": {ReadIOPS: 100}}, "app")))
+	}
+	return dk, rootfs, a, te, pods
+}
+
 func percentile(sorted []time.Duration, p float64) time.Duration {
 	if len(sorted) == 0 {
 		return 0
@@ -142,18 +163,7 @@ func BenchmarkReaction(b *testing.B) {
 
 func benchmarkReaction(b *testing.B, d *runtimetest.Containerd) {
 	const n = 100
-	p := controlPlane(b)
-	dk := newDisk(b)
-	rootfs := runtimetest.Rootfs(b, d.Dir())
-	ns := p.namespace(b)
-	dk.file(b, "data", 32<<20)
-	a := startApplier(b, p, append(containerdArgs(d, noInterval), "--data-devices", dk.dev.String())...)
-	a.waitReady(b, 30*time.Second)
-	te := watchTasks(b, d)
-	var pods []kpod
-	for i := range n {
-		pods = append(pods, onNode(b, d, p.createPod(b, ns, fmt.Sprintf("p%d", i), limits.Resolved{"app": {ReadIOPS: 100}}, "app")))
-	}
+	dk, rootfs, a, te, pods := reactionRig(b, d, n)
 	time.Sleep(time.Second) // the applier's informer has the pods
 
 	ctx := k8sCtx()

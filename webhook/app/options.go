@@ -30,6 +30,9 @@ type Options struct {
 	// LeaderElectionNamespace holds the policy controller's Lease; empty:
 	// the webhook's own namespace in a pod, else DefaultLeaseNamespace.
 	LeaderElectionNamespace string
+	// Lease holds the election's durations; not settings (tests shorten
+	// them), zero: controller-runtime's.
+	Lease LeaseTimings
 }
 
 // Defaults of the SPEC.

@@ -47,9 +47,10 @@ const (
 	rateNS   = "kdg-policy-rate"
 	benchNS  = "kdg-policy-bench"
 	rbacNS   = "kdg-policy-rbac"
+	lostNS   = "kdg-policy-lost"
 )
 
-var isolatedNamespaces = []string{leaderNS, rateNS, benchNS, rbacNS}
+var isolatedNamespaces = []string{leaderNS, rateNS, benchNS, rbacNS, lostNS}
 
 // policyReach is how soon a namespace change must reach its pods' stamps.
 const policyReach = 10 * time.Second
@@ -370,6 +371,7 @@ func TestExcludedNamespacesArePassedOverUnchanged(t *testing.T) {
 // the pod writes its client made.
 type policyRun struct {
 	name   string
+	port   string // the webhook's HTTPS port
 	log    *lockedBuffer
 	stop   context.CancelFunc
 	exited chan error
@@ -434,6 +436,13 @@ func startPolicyRun(t testing.TB, p *plane, name string, args ...string) *policy
 // startPolicyRunAs is startPolicyRun with the API server reached as cfg says.
 func startPolicyRunAs(t testing.TB, p *plane, as *rest.Config, name string, args ...string) *policyRun {
 	t.Helper()
+	return startPolicyRunWith(t, p, as, name, func(*app.Options) {}, args...)
+}
+
+// startPolicyRunWith is startPolicyRunAs with the parsed options changed by
+// change before the run starts.
+func startPolicyRunWith(t testing.TB, p *plane, as *rest.Config, name string, change func(*app.Options), args ...string) *policyRun {
+	t.Helper()
 	r := &policyRun{name: name, log: &lockedBuffer{}, exited: make(chan error, 1), writes: map[string][]time.Time{}}
 	port, err := freeAddr()
 	if err != nil {
@@ -449,6 +458,8 @@ func startPolicyRunAs(t testing.TB, p *plane, as *rest.Config, name string, args
 	if err != nil {
 		t.Fatal(err)
 	}
+	change(o)
+	r.port = portNum
 	cfg := rest.CopyConfig(as)
 	cfg.Wrap(r.wrap)
 	log := funcr.New(r.log.line, funcr.Options{Verbosity: 1})

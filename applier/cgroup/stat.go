@@ -25,9 +25,16 @@ type IOStat struct {
 // io_service_bytes_recursive on cgroup v1 (the non-recursive files on
 // kernels without them).
 func (h *Hierarchy) Stats(dir string, devices []device.Device) (map[device.Device]IOStat, error) {
+	return StatsOf(h.version, dir, func(name string) (string, error) { return h.readFile(dir, name) }, devices)
+}
+
+// StatsOf is Stats with the files of the cgroup directory dir read by read
+// (by file name; a missing file is an error wrapping os.ErrNotExist): the
+// counters of a cgroup on another machine, such as a test's node.
+func StatsOf(v Version, dir string, read func(name string) (string, error), devices []device.Device) (map[device.Device]IOStat, error) {
 	all := map[device.Device]IOStat{}
-	if h.version == V2 {
-		content, err := h.readFile(dir, "io.stat")
+	if v == V2 {
+		content, err := read("io.stat")
 		if err != nil {
 			return nil, fmt.Errorf("reading %s: %w", filepath.Join(dir, "io.stat"), err)
 		}
@@ -37,10 +44,10 @@ func (h *Hierarchy) Stats(dir string, devices []device.Device) (map[device.Devic
 	} else {
 		for _, file := range []string{"blkio.throttle.io_serviced", "blkio.throttle.io_service_bytes"} {
 			name := file + "_recursive"
-			content, err := h.readFile(dir, name)
+			content, err := read(name)
 			if errors.Is(err, os.ErrNotExist) && !errors.Is(err, ErrCgroupGone) {
 				name = file
-				content, err = h.readFile(dir, name)
+				content, err = read(name)
 			}
 			if err != nil {
 				return nil, fmt.Errorf("reading %s: %w", filepath.Join(dir, name), err)

@@ -40,6 +40,13 @@ func (h *hostNode) Run(ctx context.Context, name string, args ...string) ([]byte
 	return out, nil
 }
 
+func (h *hostNode) Program(_ context.Context, bin string) (string, error) {
+	if _, err := os.Stat(bin); err != nil {
+		return "", err
+	}
+	return bin, nil
+}
+
 func (h *hostNode) ReadFile(_ context.Context, path string) ([]byte, error) { return os.ReadFile(path) }
 
 func (h *hostNode) WriteFile(_ context.Context, path string, data []byte, perm os.FileMode) error {

@@ -264,6 +264,10 @@ type Node interface {
 	// its output in Dir/logs/<spec.Name>.log (appended), and returns at
 	// once. It is stopped by Down if still running.
 	Start(ctx context.Context, spec ProcSpec) (Proc, error)
+	// Program is the on-node path of bin, a program on the HOST, for Run:
+	// bin itself on the host node; a VM node copies it in (once per
+	// content).
+	Program(ctx context.Context, bin string) (string, error)
 	// FreePorts returns n TCP ports free on the node's loopback.
 	FreePorts(ctx context.Context, n int) ([]int, error)
 	// HTTPGet GETs http://127.0.0.1:<port><path> on the node's loopback

@@ -553,9 +553,9 @@ func (n *vmNode) ImportImage(ctx context.Context, hostTar string) error {
 	return err
 }
 
-// upload copies the host file bin to the node once (again when it changed)
+// Program copies the host file bin to the node once (again when it changed)
 // and returns its path there.
-func (n *vmNode) upload(ctx context.Context, bin string) (string, error) {
+func (n *vmNode) Program(ctx context.Context, bin string) (string, error) {
 	fi, err := os.Stat(bin)
 	if err != nil {
 		return "", err
@@ -587,7 +587,7 @@ func (n *vmNode) upload(ctx context.Context, bin string) (string, error) {
 }
 
 func (n *vmNode) Start(ctx context.Context, spec ProcSpec) (Proc, error) {
-	bin, err := n.upload(ctx, spec.Bin)
+	bin, err := n.Program(ctx, spec.Bin)
 	if err != nil {
 		return Proc{}, err
 	}

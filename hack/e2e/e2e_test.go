@@ -428,8 +428,14 @@ func (e *env) waitCgroupBy(ctx context.Context, t *testing.T, deadline time.Time
 		}
 		return nil
 	}); err != nil {
-		t.Fatalf("%s/%s %s: cgroup %s limits %s, want read-iops=%d write-iops=%d on the data disk %s only (0: none) by %s",
-			pod.Namespace, pod.Name, container, dir, got, read, write, e.c.Node.DataDisk(), deadline.Format(time.TimeOnly))
+		lctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		log, lerr := e.g.ApplierLog(lctx)
+		if lerr != nil {
+			log = lerr.Error()
+		}
+		t.Fatalf("%s/%s %s: cgroup %s limits %s, want read-iops=%d write-iops=%d on the data disk %s only (0: none) by %s; the applier's log ends:\n%s",
+			pod.Namespace, pod.Name, container, dir, got, read, write, e.c.Node.DataDisk(), deadline.Format(time.TimeOnly), tail(log, 15))
 	}
 	return time.Now()
 }

@@ -15,7 +15,7 @@ import (
 	"github.com/kubediskguard/kubediskguard/shared/limits"
 )
 
-// applierCatchUp is how soon after its start a restarted applier must have
+// applierCatchUp is how soon after it is ready a restarted applier must have
 // limited the containers it missed: by the full pass at start (the periodic
 // one never runs in the checks: checkInterval). On the host; figures.slowed
 // scales it to the node kind.
@@ -153,10 +153,11 @@ func (e *env) testApplierCrash(t *testing.T) {
 	if err := e.g.StartApplier(ctx); err != nil {
 		t.Fatalf("starting the applier again: %v", err)
 	}
-	ready := time.Since(started)
+	readyAt := time.Now()
+	ready := readyAt.Sub(started)
 	var since time.Time
 	for _, w := range cases {
-		if s := e.waitCgroupBy(ctx, t, started.Add(e.f.slowed(applierCatchUp)), w.pod, w.container, w.read, w.write); s.After(since) {
+		if s := e.waitCgroupBy(ctx, t, readyAt.Add(e.f.slowed(applierCatchUp)), w.pod, w.container, w.read, w.write); s.After(since) {
 			since = s
 		}
 	}

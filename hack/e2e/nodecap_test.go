@@ -6,12 +6,16 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"path"
 	"slices"
 	"strings"
 	"testing"
 	"time"
 
+	corev1 "k8s.io/api/core/v1"
+
 	"github.com/kubediskguard/kubediskguard/applier/cgroup"
+	"github.com/kubediskguard/kubediskguard/applier/device"
 	"github.com/kubediskguard/kubediskguard/hack/cluster"
 )
 
@@ -81,6 +85,8 @@ func (e *env) testDataTotalIOPS(t *testing.T) {
 			notOptedIn, r.ReadIOPS, r.WriteIOPS, e.f.totalIOPS, layout.Cgroup, limit)
 	}
 
+	e.checkPodsTogether(ctx, t, free, e.pod(ctx, t, optedIn, "limited"))
+
 	restart("DATA_TOTAL_IOPS=0")
 	waitCap(0)
 	if n, ok := v1Notice(e.applierLog(ctx, t)); ok {
@@ -98,6 +104,93 @@ func (e *env) testDataTotalIOPS(t *testing.T) {
 	if _, ok := findLog(e.applierLog(ctx, t), "DATA_TOTAL_IOPS is set"); ok {
 		t.Error("with DATA_TOTAL_IOPS at its default the applier logs that a cap is set")
 	}
+}
+
+// checkPodsTogether: with kubepods capped, what the kernel counted on the
+// data disk over a window, in all of kubepods and in two pods of two
+// namespaces doing direct IO at once: a and b, both with an unlimited
+// container (free's app; limited's excluded istio-proxy beside its limited
+// app and db), so that together they ask for far more than the cap.
+//   - cgroup v2: the sum (kubepods) is within 10 % of the cap, and neither
+//     pod is starved (each has at least a tenth of it);
+//   - cgroup v1: the cap holds nothing below kubepods, so the sum is far above
+//     it (more than twice).
+func (e *env) checkPodsTogether(ctx context.Context, t *testing.T, a, b *corev1.Pod) {
+	t.Helper()
+	layout := e.c.Node.Layout()
+	dirs := []string{layout.KubepodsCgroup()}
+	for _, p := range []*corev1.Pod{a, b} {
+		dir, err := layout.PodCgroup(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		dirs = append(dirs, dir)
+	}
+	window := time.Duration(3*e.f.fioSeconds) * time.Second
+	r := e.ioRates(ctx, t, window, dirs...)
+	capIOPS := float64(e.f.totalIOPS)
+	t.Logf("kubepods capped at %d, over %s: all pods read %.1f write %.1f IOPS; %s/%s read %.1f write %.1f; %s/%s read %.1f write %.1f",
+		e.f.totalIOPS, window, r[0].read, r[0].write, a.Namespace, a.Name, r[1].read, r[1].write, b.Namespace, b.Name, r[2].read, r[2].write)
+	if layout.Cgroup == cgroup.V1 {
+		if r[0].read < 2*capIOPS || r[0].write < 2*capIOPS {
+			t.Errorf("all pods read %.1f write %.1f IOPS with kubepods capped at %d on cgroup v1, want both above %.0f: the capIOPS held the pods together, contrary to what the applier logs",
+				r[0].read, r[0].write, e.f.totalIOPS, 2*capIOPS)
+		}
+		return
+	}
+	for _, got := range []struct {
+		what string
+		v    float64
+	}{{"read", r[0].read}, {"write", r[0].write}} {
+		if got.v < 0.9*capIOPS || got.v > 1.1*capIOPS {
+			t.Errorf("all pods together %s %.1f IOPS with kubepods capped at %d, want within 10 %% (%.0f-%.0f)", got.what, got.v, e.f.totalIOPS, 0.9*capIOPS, 1.1*capIOPS)
+		}
+	}
+	for i, p := range []*corev1.Pod{a, b} {
+		if got := r[i+1]; got.read < capIOPS/10 || got.write < capIOPS/10 {
+			t.Errorf("%s/%s read %.1f write %.1f IOPS beside the other pod under the capIOPS of %d, want both at least %.0f: starved", p.Namespace, p.Name, got.read, got.write, e.f.totalIOPS, capIOPS/10)
+		}
+	}
+}
+
+// ioRate is a cgroup's read and write IOPS on the data disk.
+type ioRate struct{ read, write float64 }
+
+// ioRates is the IOPS on the data disk of each of dirs (cgroup directories
+// on the node, their descendants included), from the kernel's counters at
+// the start and the end of window.
+func (e *env) ioRates(ctx context.Context, t *testing.T, window time.Duration, dirs ...string) []ioRate {
+	t.Helper()
+	disk := e.c.Node.DataDisk()
+	read := func() ([]cgroup.IOStat, time.Time) {
+		t.Helper()
+		at := time.Now()
+		out := make([]cgroup.IOStat, len(dirs))
+		for i, dir := range dirs {
+			s, err := cgroup.StatsOf(e.c.Node.Layout().Cgroup, dir, func(name string) (string, error) {
+				b, err := e.c.Node.ReadFile(ctx, path.Join(dir, name))
+				return string(b), err
+			}, []device.Device{disk})
+			if err != nil {
+				t.Fatalf("IO counters of %s: %v", dir, err)
+			}
+			out[i] = s[disk]
+		}
+		return out, at
+	}
+	before, from := read()
+	select {
+	case <-ctx.Done():
+		t.Fatal(ctx.Err())
+	case <-time.After(window):
+	}
+	after, to := read()
+	secs := to.Sub(from).Seconds()
+	out := make([]ioRate, len(dirs))
+	for i := range dirs {
+		out[i] = ioRate{read: float64(after[i].ReadIOs-before[i].ReadIOs) / secs, write: float64(after[i].WriteIOs-before[i].WriteIOs) / secs}
+	}
+	return out
 }
 
 // waitNodeCap waits until the kubepods cgroup's IOPS limits of the data disk

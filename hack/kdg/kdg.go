@@ -312,7 +312,11 @@ func StartApplier(ctx context.Context, c *cluster.Cluster, bin, name string, env
 // with the settings StartApplier gives the applier (plus env), and returns
 // what it printed.
 func ResetNode(ctx context.Context, c *cluster.Cluster, bin string, env ...string) (string, error) {
-	args := append(applierEnv(c, env), bin, "reset")
+	prog, err := c.Node.Program(ctx, bin)
+	if err != nil {
+		return "", fmt.Errorf("%s on the node: %w", bin, err)
+	}
+	args := append(applierEnv(c, env), prog, "reset")
 	out, err := c.Node.Run(ctx, "env", args...)
 	if err != nil {
 		return string(out), fmt.Errorf("%s reset: %w", bin, err)

@@ -10,6 +10,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -339,6 +340,43 @@ type FioRun struct {
 	WriteIOPS float64
 }
 
+// FioResult is what fio --output-format=json reports, as far as the tests
+// read it.
+type FioResult struct {
+	TimestampMS int64 `json:"timestamp_ms"` // when fio finished
+	Jobs        []struct {
+		Error      int      `json:"error"`
+		JobRuntime int64    `json:"job_runtime"` // ms
+		Read       FioIOSet `json:"read"`
+		Write      FioIOSet `json:"write"`
+	} `json:"jobs"`
+}
+
+// FioIOSet is one direction of a fio job.
+type FioIOSet struct {
+	IOPS     float64 `json:"iops"`
+	TotalIOs int64   `json:"total_ios"`
+	Clat     struct {
+		Percentile map[string]float64 `json:"percentile"` // "99.000000" → ns
+	} `json:"clat_ns"`
+}
+
+// ParseFioJSON decodes fio's JSON output (notes or warnings before it are
+// skipped); a result without jobs is an error.
+func ParseFioJSON(b []byte) (FioResult, error) {
+	var out FioResult
+	if i := bytes.IndexByte(b, '{'); i >= 0 {
+		b = b[i:]
+	}
+	if err := json.NewDecoder(bytes.NewReader(b)).Decode(&out); err != nil {
+		return out, fmt.Errorf("no fio JSON: %w", err)
+	}
+	if len(out.Jobs) == 0 {
+		return out, errors.New("no jobs in fio's result")
+	}
+	return out, nil
+}
+
 // FioRuns parses the container's log into its fio runs.
 func FioRuns(ctx context.Context, client kubernetes.Interface, pod *corev1.Pod, container string) ([]FioRun, error) {
 	b, err := client.CoreV1().Pods(pod.Namespace).GetLogs(pod.Name, &corev1.PodLogOptions{Container: container}).DoRaw(ctx)
@@ -357,25 +395,9 @@ func FioRuns(ctx context.Context, client kubernetes.Interface, pod *corev1.Pod, 
 			n, _ = strconv.Atoi(strings.TrimPrefix(line, "=== fio run "))
 			cur = &bytes.Buffer{}
 		case strings.HasPrefix(line, "=== end of fio run ") && cur != nil:
-			var out struct {
-				TimestampMS int64 `json:"timestamp_ms"`
-				Jobs        []struct {
-					Error      int   `json:"error"`
-					JobRuntime int64 `json:"job_runtime"`
-					Read       struct {
-						IOPS float64 `json:"iops"`
-					} `json:"read"`
-					Write struct {
-						IOPS float64 `json:"iops"`
-					} `json:"write"`
-				} `json:"jobs"`
-			}
-			js := cur.Bytes()
-			if i := bytes.IndexByte(js, '{'); i >= 0 {
-				js = js[i:] // fio may print notes before its JSON
-			}
-			if err := json.NewDecoder(bytes.NewReader(js)).Decode(&out); err != nil || len(out.Jobs) == 0 {
-				return nil, fmt.Errorf("fio run %d in %s/%s %s: no fio JSON (%v): %s", n, pod.Namespace, pod.Name, container, err, strings.TrimSpace(cur.String()))
+			out, err := ParseFioJSON(cur.Bytes())
+			if err != nil {
+				return nil, fmt.Errorf("fio run %d in %s/%s %s: %w: %s", n, pod.Namespace, pod.Name, container, err, strings.TrimSpace(cur.String()))
 			}
 			r := FioRun{N: n}
 			for _, j := range out.Jobs {

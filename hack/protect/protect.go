@@ -11,7 +11,6 @@ package protect
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"math"
@@ -24,6 +23,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/kubediskguard/kubediskguard/hack/cluster"
+	"github.com/kubediskguard/kubediskguard/hack/kdg"
 	"github.com/kubediskguard/kubediskguard/shared/limits"
 )
 
@@ -224,7 +224,7 @@ func (s *Setup) Run(ctx context.Context, ph Phase) (Result, error) {
 		}
 	}
 	type out struct {
-		j   fioJSON
+		j   kdg.FioResult
 		err error
 	}
 	agg := make(chan out, 1)
@@ -268,35 +268,17 @@ func (s *Setup) Run(ctx context.Context, ph Phase) (Result, error) {
 	return r, nil
 }
 
-type fioJSON struct {
-	Jobs []struct {
-		Read, Write struct {
-			IOPS     float64 `json:"iops"`
-			TotalIOs int64   `json:"total_ios"`
-			Clat     struct {
-				Percentile map[string]float64 `json:"percentile"`
-			} `json:"clat_ns"`
-		}
-	} `json:"jobs"`
-}
-
 // fio runs fio in the pod's container with args, its JSON result written
 // inside the pod and printed once it is done (its warnings go elsewhere).
-func (s *Setup) fio(ctx context.Context, pod *corev1.Pod, args string) (fioJSON, error) {
+func (s *Setup) fio(ctx context.Context, pod *corev1.Pod, args string) (kdg.FioResult, error) {
 	script := "/usr/bin/fio " + args + " --output-format=json --output=/tmp/fio.json >/tmp/fio.log 2>&1 || { cat /tmp/fio.log; exit 1; }; cat /tmp/fio.json"
 	out, err := s.C.Kubectl(ctx, "exec", "-n", pod.Namespace, pod.Name, "-c", container, "--", "sh", "-c", script)
-	var j fioJSON
 	if err != nil {
-		return j, fmt.Errorf("fio in %s/%s: %w", pod.Namespace, pod.Name, err)
+		return kdg.FioResult{}, fmt.Errorf("fio in %s/%s: %w", pod.Namespace, pod.Name, err)
 	}
-	if i := strings.IndexByte(string(out), '{'); i > 0 {
-		out = out[i:] // a kubectl warning before the JSON
-	}
-	if err := json.Unmarshal(out, &j); err != nil {
+	j, err := kdg.ParseFioJSON(out) // past a kubectl warning before the JSON
+	if err != nil {
 		return j, fmt.Errorf("fio in %s/%s: %w: %.300s", pod.Namespace, pod.Name, err, out)
-	}
-	if len(j.Jobs) == 0 {
-		return j, fmt.Errorf("fio in %s/%s: no jobs in its result", pod.Namespace, pod.Name)
 	}
 	return j, nil
 }

@@ -320,7 +320,9 @@ func (d *demo) noisyNeighbour(ctx context.Context) error {
 	if err := d.c.SetDataDiskDirectIO(ctx, true); err != nil {
 		return err
 	}
-	d.say("    (the data disk's loop device now does direct IO, so that reads reach the host's disk, not its page cache)")
+	if d.c.State.DataDisk != nil && d.c.State.DataDisk.Loop != "" {
+		d.say("    (the data disk's loop device now does direct IO, so that reads reach the host's disk, not its page cache)")
+	}
 	s := &protect.Setup{C: d.c, VictimNS: victimNS, AggressorNS: aggressorNS, Limit: aggressorIOPS, Seconds: neighbourFioS,
 		VictimMiB: 128, AggressorMiB: 256, Log: func(f string, a ...any) { d.say("    "+f, a...) }}
 	d.step("writing the pods' files and starting the victim and the aggressor (sleeping until fio is exec'd)")
@@ -419,7 +421,7 @@ metadata:
   name: %[1]s
   namespace: %[2]s
 spec:
-  nodeName: %[3]s              # the local cluster runs no scheduler
+  nodeName: %[3]s              # the one node (no scheduler needed)
   hostNetwork: %[4]t
   automountServiceAccountToken: false
   terminationGracePeriodSeconds: 1

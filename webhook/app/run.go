@@ -141,7 +141,7 @@ func (p *policyTerms) NeedLeaderElection() bool { return false }
 
 // Start implements manager.Runnable: it returns when ctx is done.
 func (p *policyTerms) Start(ctx context.Context) error {
-	backoff := wait.Backoff{Duration: time.Second, Factor: 2, Jitter: 0.1, Steps: math.MaxInt32, Cap: time.Minute}
+	backoff := termBackoff()
 	for {
 		began := time.Now()
 		err := p.term(ctx)
@@ -150,7 +150,7 @@ func (p *policyTerms) Start(ctx context.Context) error {
 		}
 		if time.Since(began) > backoff.Cap {
 			// A term that ran for a while: the next attempt starts again from 1 s.
-			backoff = wait.Backoff{Duration: time.Second, Factor: 2, Jitter: 0.1, Steps: math.MaxInt32, Cap: time.Minute}
+			backoff = termBackoff()
 		}
 		delay := backoff.Step()
 		p.log.Error(err, "the policy controller stopped; this replica keeps serving admission and campaigns for the Lease again",
@@ -161,6 +161,11 @@ func (p *policyTerms) Start(ctx context.Context) error {
 		case <-time.After(delay):
 		}
 	}
+}
+
+// termBackoff is the wait between terms: 1 s, doubling up to 1 min.
+func termBackoff() wait.Backoff {
+	return wait.Backoff{Duration: time.Second, Factor: 2, Jitter: 0.1, Steps: math.MaxInt32, Cap: time.Minute}
 }
 
 // term campaigns for the Lease and, once it holds it, runs the policy

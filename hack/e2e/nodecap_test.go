@@ -134,7 +134,7 @@ func (e *env) checkPodsTogether(ctx context.Context, t *testing.T, a, b *corev1.
 		e.f.totalIOPS, window, r[0].read, r[0].write, a.Namespace, a.Name, r[1].read, r[1].write, b.Namespace, b.Name, r[2].read, r[2].write)
 	if layout.Cgroup == cgroup.V1 {
 		if r[0].read < 2*capIOPS || r[0].write < 2*capIOPS {
-			t.Errorf("all pods read %.1f write %.1f IOPS with kubepods capped at %d on cgroup v1, want both above %.0f: the capIOPS held the pods together, contrary to what the applier logs",
+			t.Errorf("all pods read %.1f write %.1f IOPS with kubepods capped at %d on cgroup v1, want both above %.0f: the cap held the pods together, contrary to what the applier logs",
 				r[0].read, r[0].write, e.f.totalIOPS, 2*capIOPS)
 		}
 		return
@@ -154,7 +154,7 @@ func (e *env) checkPodsTogether(ctx context.Context, t *testing.T, a, b *corev1.
 	}
 	for i, p := range []*corev1.Pod{a, b} {
 		if got := r[i+1]; got.read < capIOPS/10 || got.write < capIOPS/10 {
-			t.Errorf("%s/%s read %.1f write %.1f IOPS beside the other pod under the capIOPS of %d, want both at least %.0f: starved", p.Namespace, p.Name, got.read, got.write, e.f.totalIOPS, capIOPS/10)
+			t.Errorf("%s/%s read %.1f write %.1f IOPS beside the other pod under the cap of %d, want both at least %.0f: starved", p.Namespace, p.Name, got.read, got.write, e.f.totalIOPS, capIOPS/10)
 		}
 	}
 }

@@ -45,6 +45,7 @@ func (o *Options) Run(ctx context.Context, cfg *rest.Config) error {
 // Nothing is cleared when ctx ends: limits stay as they are while the
 // applier is replaced (`reset` clears them).
 func Run(ctx context.Context, o *Options, cfg *rest.Config) error {
+	started := time.Now()
 	log := logf.FromContext(ctx)
 	resolver := device.Resolver{ProcRoot: o.ProcRoot}
 	settings := o.DataSettings()
@@ -145,13 +146,26 @@ func Run(ctx context.Context, o *Options, cfg *rest.Config) error {
 			}
 		})
 	}
+	// The runtime is connected to while the pod list syncs: on a busy node
+	// each can take seconds, and the applier is ready only after both.
+	connected := make(chan runtime.Runtime, 1)
+	wg.Go(func() {
+		rt, err := connectRuntime(ctx, o, h)
+		if err != nil {
+			rt = nil // stopped while waiting for the runtime
+		}
+		connected <- rt
+	})
 	if err := store.WaitForSync(ctx); err != nil {
+		if rt := <-connected; rt != nil {
+			rt.Close()
+		}
 		return nil // stopped before the first list
 	}
-
-	rt, err := connectRuntime(ctx, o, h)
-	if err != nil {
-		return nil // stopped while waiting for the runtime
+	log.Info("pod list synced", "took", time.Since(started).Round(time.Millisecond))
+	rt := <-connected
+	if rt == nil {
+		return nil
 	}
 	defer rt.Close()
 	r := reconcile.New(reconcile.Config{
@@ -184,6 +198,7 @@ func openHierarchy(o *Options) (*cgroup.Hierarchy, error) {
 // connectRuntime connects to the container runtime, retrying with backoff
 // until it answers or ctx is done.
 func connectRuntime(ctx context.Context, o *Options, h *cgroup.Hierarchy) (runtime.Runtime, error) {
+	started := time.Now()
 	log := logf.FromContext(ctx)
 	var rt runtime.Runtime
 	backoff := wait.Backoff{Duration: time.Second, Factor: 2, Jitter: 0.1, Steps: 1 << 30, Cap: 30 * time.Second}
@@ -194,7 +209,7 @@ func connectRuntime(ctx context.Context, o *Options, h *cgroup.Hierarchy) (runti
 			log.Error(err, "container runtime not answering; retrying", "runtime", o.ContainerRuntime, "socket", o.SocketPath)
 			return false, nil
 		}
-		log.Info("connected to the container runtime", "runtime", rt.Name())
+		log.Info("connected to the container runtime", "runtime", rt.Name(), "took", time.Since(started).Round(time.Millisecond))
 		return true, nil
 	})
 	return rt, err

@@ -321,6 +321,7 @@ func (r *Reconciler) next(ctx context.Context, w int) bool {
 // applier from being ready, since the containers' own limits do not depend
 // on it.
 func (r *Reconciler) reconcileAll(ctx context.Context) error {
+	started := time.Now()
 	r.refreshDisk()
 	r.mu.Lock()
 	why := r.fullWhy
@@ -354,7 +355,9 @@ func (r *Reconciler) reconcileAll(ctx context.Context) error {
 	}
 	r.Metrics.fullReconciled(why)
 	r.applyNodeCap()
-	r.synced.Store(true)
+	if !r.synced.Swap(true) {
+		r.Log.Info("first full reconcile done: ready", "containers", len(list), "took", time.Since(started).Round(time.Millisecond))
+	}
 	return nil
 }
 

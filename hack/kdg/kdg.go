@@ -96,7 +96,7 @@ func (p *Proc) signal(sig syscall.Signal, grace time.Duration) {
 // WaitReady polls http://probe/readyz until p answers 200.
 func (p *Proc) WaitReady(ctx context.Context, probe string) error {
 	httpc := &http.Client{Timeout: 2 * time.Second}
-	return waitReady(ctx, p.Name, func() (int, []byte, error) {
+	return waitReady(ctx, p.Name, 60*time.Second, func() (int, []byte, error) {
 		resp, err := httpc.Get("http://" + probe + "/readyz")
 		if err != nil {
 			return 0, nil, err
@@ -114,10 +114,11 @@ func (p *Proc) WaitReady(ctx context.Context, probe string) error {
 	}, func() string { return Tail(p.Log, 20) })
 }
 
-// waitReady polls get (a GET of /readyz) until it answers 200, and fails
-// at once when exited says the process is gone, with the tail of its log.
-func waitReady(ctx context.Context, name string, get func() (int, []byte, error), exited func() bool, tail func() string) error {
-	err := cluster.Poll(ctx, name+" ready (/readyz)", 200*time.Millisecond, 60*time.Second, func() error {
+// waitReady polls get (a GET of /readyz) until it answers 200, for up to
+// timeout, and fails at once when exited says the process is gone, with the
+// tail of its log.
+func waitReady(ctx context.Context, name string, timeout time.Duration, get func() (int, []byte, error), exited func() bool, tail func() string) error {
+	err := cluster.Poll(ctx, name+" ready (/readyz)", 200*time.Millisecond, timeout, func() error {
 		status, b, err := get()
 		if err == nil {
 			if status == http.StatusOK {
@@ -139,9 +140,10 @@ func waitReady(ctx context.Context, name string, get func() (int, []byte, error)
 // NodeProc is one of KubeDiskGuard's binaries running on the cluster's node
 // (cluster.Node.Start); Down stops it if it still runs.
 type NodeProc struct {
-	Proc cluster.Proc // on the node: its PID is the node's (not embedded: Proc.Alive looks at this host)
-	Log  string       // on the node
-	node cluster.Node
+	Proc  cluster.Proc // on the node: its PID is the node's (not embedded: Proc.Alive looks at this host)
+	Log   string       // on the node
+	node  cluster.Node
+	ready time.Duration // how long WaitReady waits (cluster.ReadyTimeout)
 }
 
 // StartOnNode starts spec on the cluster's node (its log is
@@ -151,7 +153,7 @@ func StartOnNode(ctx context.Context, c *cluster.Cluster, spec cluster.ProcSpec)
 	if err != nil {
 		return nil, fmt.Errorf("starting %s on the node: %w", spec.Name, err)
 	}
-	return &NodeProc{Proc: p, Log: cluster.LogPath(c.Node, spec.Name), node: c.Node}, nil
+	return &NodeProc{Proc: p, Log: cluster.LogPath(c.Node, spec.Name), node: c.Node, ready: c.ReadyTimeout()}, nil
 }
 
 // Running reports whether p still runs on its node.
@@ -183,9 +185,9 @@ func (p *NodeProc) Tail(ctx context.Context, n int) string {
 }
 
 // WaitReady polls http://127.0.0.1:port/readyz on the node until p answers
-// 200.
+// 200, for as long as the cluster's node kind allows (cluster.ReadyTimeout).
 func (p *NodeProc) WaitReady(ctx context.Context, port int) error {
-	return waitReady(ctx, p.Proc.Name, func() (int, []byte, error) { return p.node.HTTPGet(ctx, port, "/readyz") },
+	return waitReady(ctx, p.Proc.Name, p.ready, func() (int, []byte, error) { return p.node.HTTPGet(ctx, port, "/readyz") },
 		func() bool { return !p.Running(ctx) }, func() string { return p.Tail(ctx, 20) })
 }
 

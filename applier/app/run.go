@@ -150,10 +150,7 @@ func Run(ctx context.Context, o *Options, cfg *rest.Config) error {
 	// each can take seconds, and the applier is ready only after both.
 	connected := make(chan runtime.Runtime, 1)
 	wg.Go(func() {
-		rt, err := connectRuntime(ctx, o, h)
-		if err != nil {
-			rt = nil // stopped while waiting for the runtime
-		}
+		rt, _ := connectRuntime(ctx, o, h) // nil: stopped while waiting for it
 		connected <- rt
 	})
 	if err := store.WaitForSync(ctx); err != nil {
@@ -196,7 +193,7 @@ func openHierarchy(o *Options) (*cgroup.Hierarchy, error) {
 }
 
 // connectRuntime connects to the container runtime, retrying with backoff
-// until it answers or ctx is done.
+// until it answers, or returns nil and an error once ctx is done.
 func connectRuntime(ctx context.Context, o *Options, h *cgroup.Hierarchy) (runtime.Runtime, error) {
 	started := time.Now()
 	log := logf.FromContext(ctx)
@@ -212,7 +209,10 @@ func connectRuntime(ctx context.Context, o *Options, h *cgroup.Hierarchy) (runti
 		log.Info("connected to the container runtime", "runtime", rt.Name(), "took", time.Since(started).Round(time.Millisecond))
 		return true, nil
 	})
-	return rt, err
+	if err != nil {
+		return nil, err // not the last failed attempt's (typed nil) value
+	}
+	return rt, nil
 }
 
 // serve starts the metrics and health endpoints: /readyz answers what

@@ -356,7 +356,7 @@ func (r *Reconciler) reconcileAll(ctx context.Context) error {
 	r.Metrics.fullReconciled(why)
 	r.applyNodeCap()
 	if !r.synced.Swap(true) {
-		r.Log.Info("first full reconcile done: ready", "containers", len(list), "took", time.Since(started).Round(time.Millisecond))
+		r.Log.Info("first full reconcile done", "containers", len(list), "took", time.Since(started).Round(time.Millisecond))
 	}
 	return nil
 }

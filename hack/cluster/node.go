@@ -66,6 +66,17 @@ type NodeKindImpl struct {
 	// undoes what it changed on the host; it is called by Down, which
 	// removes the state file when it returns nil.
 	Down func(dir string, st State, log io.Writer) error
+	// Slowdown is how many times longer than on the host a wait may take
+	// there: a pod's start, a process's start-up, a check's wait (0 is 1).
+	Slowdown int
+}
+
+// Slowed is d, a wait's bound on the host, scaled to kind's Slowdown.
+func Slowed(kind NodeKind, d time.Duration) time.Duration {
+	if impl, ok := nodeKinds[kind]; ok && impl.Slowdown > 1 {
+		return d * time.Duration(impl.Slowdown)
+	}
+	return d
 }
 
 var nodeKinds = map[NodeKind]NodeKindImpl{}

@@ -117,26 +117,13 @@ func TaskPID(ctx context.Context, n Node, id string) (int, error) {
 }
 
 // PodTimeout is how long a pod may take from create to Running on the
-// cluster's node: 60 s on the host, 3 minutes on the v2 node (a VM under
-// software emulation, where a pod start measured 8–50 s).
-func (c *Cluster) PodTimeout() time.Duration {
-	if c.State.Node == V2Node {
-		return 3 * time.Minute
-	}
-	return 60 * time.Second
-}
+// cluster's node: 60 s on the host, scaled to the node kind (Slowed).
+func (c *Cluster) PodTimeout() time.Duration { return Slowed(c.State.Node, 60*time.Second) }
 
 // ReadyTimeout is how long a process started on the cluster's node (the
-// webhook, the applier) may take to become ready: 60 s on the host, 3
-// minutes on the v2 node, where the applier's first full pass over the
-// node's containers took over a minute while pods started (each containerd
-// and API server call there costs a software-emulated VM's time).
-func (c *Cluster) ReadyTimeout() time.Duration {
-	if c.State.Node == V2Node {
-		return 3 * time.Minute
-	}
-	return 60 * time.Second
-}
+// webhook, the applier) may take to become ready: 60 s on the host, scaled
+// to the node kind (Slowed).
+func (c *Cluster) ReadyTimeout() time.Duration { return Slowed(c.State.Node, 60*time.Second) }
 
 // SmokeResult is what Smoke measured.
 type SmokeResult struct {

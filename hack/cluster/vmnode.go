@@ -40,7 +40,10 @@ import (
 // PID and removes the VM's disk overlays; nothing else on the host changed.
 
 func init() {
-	RegisterNodeKind(V2Node, NodeKindImpl{Missing: vmMissing, Up: vmUp, Down: vmDown})
+	// Slowdown 3: under software emulation a pod start took 8–50 s, and the
+	// applier's start-up (24 s to reach containerd, then a first full pass of
+	// over 35 s while pods started) outlasted the host's 60 s readiness wait.
+	RegisterNodeKind(V2Node, NodeKindImpl{Missing: vmMissing, Up: vmUp, Down: vmDown, Slowdown: 3})
 }
 
 // VMState is the v2 node's VM in State: what Down removes.

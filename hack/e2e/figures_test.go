@@ -26,11 +26,11 @@ type figures struct {
 	policyRead int    // kubediskguard.io/read-iops, annotated once opted in
 	policyMax  int    // kubediskguard.io/max-iops, annotated last
 	fioSeconds int    // each fio run's runtime
-	slow       time.Duration
+	kind       cluster.NodeKind
 }
 
 // slowed is d scaled to the node kind: the time a wait may take there.
-func (f figures) slowed(d time.Duration) time.Duration { return d * f.slow }
+func (f figures) slowed(d time.Duration) time.Duration { return cluster.Slowed(f.kind, d) }
 
 // figuresFor is the figures of a node kind.
 func figuresFor(k cluster.NodeKind) figures {
@@ -43,13 +43,13 @@ func figuresFor(k cluster.NodeKind) figures {
 			nsIOPS: 50, dbRead: 30, dbWrite: 20, liveRead: 80, totalIOPS: 150,
 			crashWrite: [3]int{20, 30, 40}, crashFio: 40,
 			policyIOPS: 40, policyRead: 70, policyMax: 30,
-			fioSeconds: 8, slow: 3,
+			fioSeconds: 8, kind: k,
 		}
 	}
 	return figures{
 		nsIOPS: 200, dbRead: 100, dbWrite: 50, liveRead: 300, totalIOPS: 500,
 		crashWrite: [3]int{110, 120, 130}, crashFio: 150,
 		policyIOPS: 150, policyRead: 250, policyMax: 100,
-		fioSeconds: 4, slow: 1,
+		fioSeconds: 4, kind: k,
 	}
 }

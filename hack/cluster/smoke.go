@@ -66,7 +66,39 @@ func (c *Cluster) WaitRunning(ctx context.Context, namespace, name string, timeo
 		}
 		return nil
 	})
+	if err != nil {
+		err = fmt.Errorf("%w%s", err, c.podEvents(namespace, name))
+	}
 	return pod, err
+}
+
+// podEvents is the pod's last events, for an error saying why it is not
+// Running ("" when there are none or they cannot be read).
+func (c *Cluster) podEvents(namespace, name string) string {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	evs, err := c.Client.CoreV1().Events(namespace).List(ctx, metav1.ListOptions{FieldSelector: "involvedObject.name=" + name})
+	if err != nil || len(evs.Items) == 0 {
+		return ""
+	}
+	items := evs.Items
+	slices.SortFunc(items, func(a, b corev1.Event) int { return eventTime(a).Compare(eventTime(b)) })
+	if len(items) > 10 {
+		items = items[len(items)-10:]
+	}
+	var b strings.Builder
+	b.WriteString("; its events:")
+	for _, e := range items {
+		fmt.Fprintf(&b, "\n  %s %s %s (x%d): %s", eventTime(e).Format(time.TimeOnly), e.Type, e.Reason, max(e.Count, 1), e.Message)
+	}
+	return b.String()
+}
+
+func eventTime(e corev1.Event) time.Time {
+	if !e.LastTimestamp.IsZero() {
+		return e.LastTimestamp.Time
+	}
+	return e.EventTime.Time
 }
 
 func containerWaitReasons(p *corev1.Pod) string {

@@ -486,6 +486,9 @@ func vmUp(ctx context.Context, cfg Config) (_ *Cluster, err error) {
 // overlays; the cached image and snapshot stay.
 func vmDown(dir string, st State, log io.Writer) error {
 	t := time.Now()
+	if st.VM != nil {
+		saveGuestLogs(st.VM, filepath.Join(dir, "logs"), log)
+	}
 	for i := len(st.Procs) - 1; i >= 0; i-- {
 		stop(st.Procs[i], 10*time.Second)
 	}
@@ -502,6 +505,58 @@ func vmDown(dir string, st State, log io.Writer) error {
 	}
 	fmt.Fprintf(log, "cluster: v2 node down in %s\n", time.Since(t).Round(time.Millisecond))
 	return errors.Join(errs...)
+}
+
+// saveGuestLogs copies into logsDir, on the host, what is lost when the VM
+// stops: the journal of each of the node's services (node-<unit>.log), the
+// logs of the programs the harness started on the node (node-<name>.log)
+// and the VM's console. Best effort, bounded to a minute: Down goes on
+// whatever it could copy, and says what it could not.
+func saveGuestLogs(vm *VMState, logsDir string, log io.Writer) {
+	if err := os.MkdirAll(logsDir, 0o755); err != nil {
+		fmt.Fprintf(log, "cluster: keeping the node's logs: %v\n", err)
+		return
+	}
+	var errs []error
+	save := func(name string, b []byte) {
+		if err := os.WriteFile(filepath.Join(logsDir, name), b, 0o644); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if b, err := os.ReadFile(filepath.Join(vm.Dir, "console.log")); err == nil {
+		save("node-console.log", b)
+	}
+	token, err := os.ReadFile(filepath.Join(vm.Image, "host", "token"))
+	if vm.AgentPort == 0 || err != nil {
+		return // the VM never got as far as its agent
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	a := newAgentClient(vm.AgentPort, strings.TrimSpace(string(token)))
+	for _, u := range vmUnits {
+		b, err := a.run(ctx, nil, "journalctl", "--no-pager", "-o", "short-precise", "-u", u)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("journal of %s: %w", u, err))
+			if ctx.Err() != nil {
+				break
+			}
+			continue
+		}
+		save("node-"+strings.TrimSuffix(u, path.Ext(u))+".log", b)
+	}
+	if out, err := a.run(ctx, nil, "ls", path.Join(vmHarnessDir, "logs")); err == nil {
+		for _, name := range strings.Fields(string(out)) {
+			if b, err := a.readFile(ctx, path.Join(vmHarnessDir, "logs", name)); err == nil {
+				save("node-"+name, b)
+			} else {
+				errs = append(errs, err)
+			}
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		fmt.Fprintf(log, "cluster: some of the node's logs were not kept: %v\n", err)
+	}
+	fmt.Fprintf(log, "cluster: the node's journals and logs copied to %s\n", logsDir)
 }
 
 // vmNode is the v2 node's Node: everything through the guest agent.

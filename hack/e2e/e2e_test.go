@@ -208,7 +208,22 @@ func (e *env) tearDown(t testing.TB) {
 		t.Errorf("mounts left under %s, not removing it: %v", e.dir, m)
 		return
 	}
-	os.RemoveAll(e.dir)
+	if !t.Failed() || e.c == nil {
+		os.RemoveAll(e.dir)
+		return
+	}
+	// A failure names the cluster's logs (the node's journals and the
+	// processes' logs, which Down copied there): keep them, drop the rest.
+	logs := filepath.Join(e.c.Dir, "logs")
+	for _, d := range []string{e.dir, e.c.Dir} {
+		entries, _ := os.ReadDir(d)
+		for _, en := range entries {
+			if p := filepath.Join(d, en.Name()); p != e.c.Dir && p != logs {
+				os.RemoveAll(p)
+			}
+		}
+	}
+	t.Logf("the cluster's logs are kept in %s (remove it when read)", logs)
 }
 
 // restoreApplier, for t.Cleanup, brings back the applier the other tests

@@ -128,6 +128,12 @@ func (e *env) checkPodsTogether(ctx context.Context, t *testing.T, a, b *corev1.
 		dirs = append(dirs, dir)
 	}
 	window := time.Duration(3*e.f.fioSeconds) * time.Second
+	if layout.Cgroup != cgroup.V1 {
+		// The cap is to be reached for the whole window: the pods' fio
+		// loops pause between runs, so a's container asks for more with one
+		// long fio run beside its loop.
+		defer e.holdDemand(ctx, t, a, "app", window)()
+	}
 	r := e.ioRates(ctx, t, window, dirs...)
 	capIOPS := float64(e.f.totalIOPS)
 	t.Logf("kubepods capped at %d, over %s: all pods read %.1f write %.1f IOPS; %s/%s read %.1f write %.1f; %s/%s read %.1f write %.1f",
@@ -139,23 +145,67 @@ func (e *env) checkPodsTogether(ctx context.Context, t *testing.T, a, b *corev1.
 		}
 		return
 	}
-	// The cap holds: never more than the kernel's overshoot above it. It is
-	// reached, less the moments when the fio loops of both unlimited
-	// containers pause between runs at once (1 s and fio's start each; the
-	// limited containers alone ask for less than the cap): 149.8 / 149.8 and
-	// 138.3 / 130.8 measured at 150.
+	// The cap holds and is reached: within 10 % below it (the pods ask for
+	// more all through the window: holdDemand) and never more than the
+	// kernel's overshoot above it. Without holdDemand, when the loops of
+	// both unlimited containers paused at once, 138.3 / 130.8 were measured
+	// at 150.
 	for _, got := range []struct {
 		what string
 		v    float64
 	}{{"read", r[0].read}, {"write", r[0].write}} {
-		if lo, hi := 0.8*capIOPS, (1+v2Overshoot)*capIOPS; got.v < lo || got.v > hi {
-			t.Errorf("all pods together %s %.1f IOPS with kubepods capped at %d, want %.0f-%.0f (at most the kernel's overshoot above it; the loops' pauses below)", got.what, got.v, e.f.totalIOPS, lo, hi)
+		if lo, hi := 0.9*capIOPS, (1+v2Overshoot)*capIOPS; got.v < lo || got.v > hi {
+			t.Errorf("all pods together %s %.1f IOPS with kubepods capped at %d, want %.0f-%.0f (within 10 %% below it, at most the kernel's overshoot above)", got.what, got.v, e.f.totalIOPS, lo, hi)
 		}
 	}
 	for i, p := range []*corev1.Pod{a, b} {
 		if got := r[i+1]; got.read < capIOPS/10 || got.write < capIOPS/10 {
 			t.Errorf("%s/%s read %.1f write %.1f IOPS beside the other pod under the cap of %d, want both at least %.0f: starved", p.Namespace, p.Name, got.read, got.write, e.f.totalIOPS, capIOPS/10)
 		}
+	}
+}
+
+// holdDemand starts, in container of fio pod p (kubectl exec, beside its
+// loop), one fio run of random direct reads and writes long enough for
+// window, and returns once its IO has begun; the returned func waits for it
+// to end. So the container asks for IO all through the window, where its
+// loop pauses between runs.
+func (e *env) holdDemand(ctx context.Context, t *testing.T, p *corev1.Pod, container string, window time.Duration) (wait func()) {
+	t.Helper()
+	marker := fmt.Sprintf("hold-%s-%s-%s", p.Namespace, p.Name, container)
+	e.c.Node.Run(ctx, "rm", "-f", e.data(marker))
+	runtime := int((window + e.f.slowed(5*time.Second)).Seconds())
+	script := fmt.Sprintf(`touch /data/%s; exec /usr/bin/fio --size=%dM --bs=4k --direct=1 --ioengine=libaio --iodepth=8 --runtime=%d --time_based --output=/dev/null `+
+		`--name=r --filename=/data/read.dat --rw=randread --name=w --filename=/data/write-%s-%s-%s.dat --rw=randwrite`,
+		marker, fioFileMiB, runtime, p.Namespace, p.Name, container)
+	done := make(chan error, 1)
+	go func() {
+		_, err := e.c.Kubectl(ctx, "exec", "-n", p.Namespace, p.Name, "-c", container, "--", "sh", "-c", script)
+		done <- err
+	}()
+	if err := cluster.Poll(ctx, "fio started in "+p.Namespace+"/"+p.Name+" "+container, 200*time.Millisecond, e.f.slowed(30*time.Second), func() error {
+		select {
+		case err := <-done:
+			return cluster.Final(fmt.Errorf("kubectl exec ended: %v", err))
+		default:
+		}
+		_, err := e.c.Node.ReadFile(ctx, e.data(marker))
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(time.Second) // fio's start: its files opened, its queue full
+	return func() {
+		t.Helper()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Errorf("the extra fio run in %s/%s %s: %v", p.Namespace, p.Name, container, err)
+			}
+		case <-ctx.Done():
+			t.Errorf("the extra fio run in %s/%s %s: %v", p.Namespace, p.Name, container, ctx.Err())
+		}
+		e.c.Node.Run(context.Background(), "rm", "-f", e.data(marker))
 	}
 }
 

@@ -147,11 +147,9 @@ func (c *Cluster) startVM(ctx context.Context, im vmImage, dir, rootBase, dataBa
 			return nil, ports, err
 		}
 	}
-	token, err := os.ReadFile(im.path("host", "token"))
-	if err != nil {
+	if v.agent, err = imageAgent(im.Dir, ports[0]); err != nil {
 		return nil, ports, err
 	}
-	v.agent = newAgentClient(ports[0], strings.TrimSpace(string(token)))
 	return v, ports, nil
 }
 
@@ -526,13 +524,12 @@ func saveGuestLogs(vm *VMState, logsDir string, log io.Writer) {
 	if b, err := os.ReadFile(filepath.Join(vm.Dir, "console.log")); err == nil {
 		save("node-console.log", b)
 	}
-	token, err := os.ReadFile(filepath.Join(vm.Image, "host", "token"))
+	a, err := imageAgent(vm.Image, vm.AgentPort)
 	if vm.AgentPort == 0 || err != nil {
 		return // the VM never got as far as its agent
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	a := newAgentClient(vm.AgentPort, strings.TrimSpace(string(token)))
 	for _, u := range vmUnits {
 		b, err := a.run(ctx, nil, "journalctl", "--no-pager", "-o", "short-precise", "-u", u)
 		if err != nil {
@@ -680,6 +677,16 @@ type agentClient struct {
 	base  string
 	token string
 	http  *http.Client
+}
+
+// imageAgent is the client of the agent of a VM of the image in imageDir
+// (its token is the image's), forwarded to the host's port.
+func imageAgent(imageDir string, port int) (*agentClient, error) {
+	token, err := os.ReadFile(vmImage{Dir: imageDir}.path("host", "token"))
+	if err != nil {
+		return nil, err
+	}
+	return newAgentClient(port, strings.TrimSpace(string(token))), nil
 }
 
 func newAgentClient(port int, token string) *agentClient {

@@ -130,6 +130,10 @@ func TestV2NodeUpSmokeDown(t *testing.T) {
 	if _, err := os.Stat(vmDir); err == nil {
 		t.Errorf("the VM's overlays are left in %s", vmDir)
 	}
+	// What is lost with the VM was copied out first: the kubelet's journal.
+	if b, err := os.ReadFile(filepath.Join(dir, "logs", "node-kubelet.log")); err != nil || !strings.Contains(string(b), "kubelet") {
+		t.Errorf("the node's kubelet journal was not kept in %s/logs at down (%v): %q", dir, err, lastLines(string(b), 5))
+	}
 }
 
 // checkVMDataDisk: the node's data dir is a mount point of its own,

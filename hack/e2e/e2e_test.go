@@ -208,22 +208,24 @@ func (e *env) tearDown(t testing.TB) {
 		t.Errorf("mounts left under %s, not removing it: %v", e.dir, m)
 		return
 	}
-	if !t.Failed() || e.c == nil {
+	if !t.Failed() {
 		os.RemoveAll(e.dir)
 		return
 	}
-	// A failure names the cluster's logs (the node's journals and the
-	// processes' logs, which Down copied there): keep them, drop the rest.
-	logs := filepath.Join(e.c.Dir, "logs")
-	for _, d := range []string{e.dir, e.c.Dir} {
+	// A failure names the logs (the cluster's, with the node's journals
+	// that Down copied there, even when Up failed; the test's own): keep
+	// the logs directories, drop the rest.
+	clusterDir := filepath.Join(e.dir, "cluster")
+	keep := map[string]bool{clusterDir: true, filepath.Join(clusterDir, "logs"): true, filepath.Join(e.dir, "logs"): true}
+	for _, d := range []string{e.dir, clusterDir} {
 		entries, _ := os.ReadDir(d)
 		for _, en := range entries {
-			if p := filepath.Join(d, en.Name()); p != e.c.Dir && p != logs {
+			if p := filepath.Join(d, en.Name()); !keep[p] {
 				os.RemoveAll(p)
 			}
 		}
 	}
-	t.Logf("the cluster's logs are kept in %s (remove it when read)", logs)
+	t.Logf("the logs are kept under %s (remove it when read)", e.dir)
 }
 
 // restoreApplier, for t.Cleanup, brings back the applier the other tests
@@ -256,10 +258,8 @@ func (e *env) pod(ctx context.Context, t *testing.T, ns, name string) *corev1.Po
 // and a 4k random-write job on its own file, both O_DIRECT, each run's JSON
 // between markers in its log (kdg.FioRuns). fio comes from the node.
 func (e *env) fioContainer(name, writeFile string) corev1.Container {
-	script := fmt.Sprintf(`i=0; while :; do i=$((i+1)); sleep 1; `+
-		`/usr/bin/fio --size=%dM --bs=4k --direct=1 --ioengine=libaio --iodepth=8 --runtime=%d --time_based --output-format=json --output=/tmp/fio.json `+
-		`--name=r --filename=/data/read.dat --rw=randread --name=w --filename=/data/%s --rw=randwrite; `+
-		`echo "=== fio run $i"; cat /tmp/fio.json; echo "=== end of fio run $i"; done`, fioFileMiB, e.f.fioSeconds, writeFile)
+	script := fmt.Sprintf(`i=0; while :; do i=$((i+1)); sleep 1; %s --output-format=json --output=/tmp/fio.json; `+
+		`echo "=== fio run $i"; cat /tmp/fio.json; echo "=== end of fio run $i"; done`, fioCommand(e.f.fioSeconds, writeFile))
 	return corev1.Container{
 		Name: name, Image: cluster.BusyboxImage, ImagePullPolicy: corev1.PullNever,
 		Command: []string{"sh", "-c", script},
@@ -272,6 +272,18 @@ func (e *env) fioContainer(name, writeFile string) corev1.Container {
 	}
 }
 
+// fioCommand is the fio run of a fioContainer, for runtime seconds: the
+// random reads of the shared data file and the random writes of writeFile
+// (in the data dir).
+func fioCommand(runtime int, writeFile string) string {
+	return fmt.Sprintf(`/usr/bin/fio --size=%dM --bs=4k --direct=1 --ioengine=libaio --iodepth=8 --runtime=%d --time_based `+
+		`--name=r --filename=/data/read.dat --rw=randread --name=w --filename=/data/%s --rw=randwrite`, fioFileMiB, runtime, writeFile)
+}
+
+// fioWriteFile is the name of the write file of container c of fio pod
+// name in namespace ns, in the data dir.
+func fioWriteFile(ns, name, c string) string { return fmt.Sprintf("write-%s-%s-%s.dat", ns, name, c) }
+
 // fioPod is a pod of fioContainers on the data disk, their write files
 // written on the node (outside any throttled cgroup) first.
 func (e *env) fioPod(ns, name string, annotations map[string]string, containers ...string) *corev1.Pod {
@@ -281,7 +293,7 @@ func (e *env) fioPod(ns, name string, annotations map[string]string, containers 
 	p.Annotations = annotations
 	p.Spec.Containers = nil
 	for _, c := range containers {
-		wf := fmt.Sprintf("write-%s-%s-%s.dat", ns, name, c)
+		wf := fioWriteFile(ns, name, c)
 		if err := cluster.WriteDataFile(ctx, e.c.Node, e.data(wf), fioFileMiB); err != nil {
 			panic(err)
 		}

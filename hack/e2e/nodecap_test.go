@@ -175,9 +175,7 @@ func (e *env) holdDemand(ctx context.Context, t *testing.T, p *corev1.Pod, conta
 	marker := fmt.Sprintf("hold-%s-%s-%s", p.Namespace, p.Name, container)
 	e.c.Node.Run(ctx, "rm", "-f", e.data(marker))
 	runtime := int((window + e.f.slowed(5*time.Second)).Seconds())
-	script := fmt.Sprintf(`touch /data/%s; exec /usr/bin/fio --size=%dM --bs=4k --direct=1 --ioengine=libaio --iodepth=8 --runtime=%d --time_based --output=/dev/null `+
-		`--name=r --filename=/data/read.dat --rw=randread --name=w --filename=/data/write-%s-%s-%s.dat --rw=randwrite`,
-		marker, fioFileMiB, runtime, p.Namespace, p.Name, container)
+	script := fmt.Sprintf(`touch /data/%s; exec %s --output=/dev/null`, marker, fioCommand(runtime, fioWriteFile(p.Namespace, p.Name, container)))
 	done := make(chan error, 1)
 	go func() {
 		_, err := e.c.Kubectl(ctx, "exec", "-n", p.Namespace, p.Name, "-c", container, "--", "sh", "-c", script)

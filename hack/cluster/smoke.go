@@ -2,6 +2,7 @@ package cluster
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -14,6 +15,7 @@ import (
 
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/utils/ptr"
@@ -70,6 +72,32 @@ func (c *Cluster) WaitRunning(ctx context.Context, namespace, name string, timeo
 		err = fmt.Errorf("%w%s", err, c.podEvents(namespace, name))
 	}
 	return pod, err
+}
+
+// DeletePod deletes the pod (a 1 s grace period, not a forced delete: the
+// object stays until the kubelet has stopped its containers) and waits
+// until it is gone, PodTimeout at most. So what comes next does not start
+// pods beside one the node is still tearing down: under emulation a
+// container's stop can take minutes and hold the runtime up.
+func (c *Cluster) DeletePod(ctx context.Context, namespace, name string) error {
+	pods := c.Client.CoreV1().Pods(namespace)
+	err := pods.Delete(ctx, name, metav1.DeleteOptions{GracePeriodSeconds: ptr.To(int64(1))})
+	if apierrors.IsNotFound(err) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	return Poll(ctx, "pod "+namespace+"/"+name+" gone", 200*time.Millisecond, c.PodTimeout(), func() error {
+		_, err := pods.Get(ctx, name, metav1.GetOptions{})
+		if apierrors.IsNotFound(err) {
+			return nil
+		}
+		if err == nil {
+			return errors.New("still there")
+		}
+		return err
+	})
 }
 
 // podEvents is the pod's last events, for an error saying why it is not

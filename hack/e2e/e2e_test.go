@@ -24,6 +24,7 @@ import (
 	"path"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -242,6 +243,23 @@ func (e *env) restoreApplier(t *testing.T) {
 	if err := e.g.StartApplier(ctx); err != nil {
 		t.Errorf("restarting the applier: %v", err)
 	}
+}
+
+// deletePods, for t.Cleanup, deletes pods and waits until the node has
+// stopped them (cluster.DeletePod), so that the next check starts on a
+// node that is not still tearing them down.
+func (e *env) deletePods(t *testing.T, pods ...*corev1.Pod) {
+	ctx, cancel := context.WithTimeout(context.Background(), e.c.PodTimeout())
+	defer cancel()
+	var wg sync.WaitGroup
+	for _, p := range pods {
+		wg.Go(func() {
+			if err := e.c.DeletePod(ctx, p.Namespace, p.Name); err != nil {
+				t.Errorf("deleting %s/%s: %v", p.Namespace, p.Name, err)
+			}
+		})
+	}
+	wg.Wait()
 }
 
 // pod gets a pod an earlier test made.

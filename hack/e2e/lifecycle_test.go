@@ -123,9 +123,11 @@ func (e *env) testApplierCrash(t *testing.T) {
 	cases = append(cases, want{fio, "app", fioIOPS, fioIOPS})
 	pods := e.c.Client.CoreV1().Pods(optedIn)
 	t.Cleanup(func() {
+		var all []*corev1.Pod
 		for _, w := range cases {
-			pods.Delete(context.Background(), w.pod.Name, metav1.DeleteOptions{})
+			all = append(all, w.pod)
 		}
+		e.deletePods(t, all...)
 	})
 	for _, w := range cases {
 		if _, err := pods.Create(ctx, w.pod, metav1.CreateOptions{}); err != nil {

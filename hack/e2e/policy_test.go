@@ -53,10 +53,7 @@ func (e *env) testPolicyReachesRunningPods(t *testing.T) {
 	}); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() {
-		zero := int64(0)
-		pods.Delete(context.Background(), pod.Name, metav1.DeleteOptions{GracePeriodSeconds: &zero})
-	})
+	t.Cleanup(func() { e.deletePods(t, pod) })
 	pod, err := e.c.WaitRunning(ctx, policyNS, pod.Name, e.c.PodTimeout())
 	if err != nil {
 		t.Fatal(err)

@@ -85,15 +85,24 @@ v2node: test-bins
 	@$(MAKE) --no-print-directory apt-install PACKAGES="$(V2NODE_PACKAGES)"
 	$(GO) run ./hack/cluster/cmd v2-image
 
-## test: every test, real components included (CI=true: nothing may skip)
+## test: every test, real components included (CI=true: nothing may skip),
+## then on the cgroup v2 node (unless NODE=v2 ran everything there already):
+## TestE2E whole, and of TestDeployment what the deployment adds to it
+## (cert-manager, the checks that restart or stop its pods, the renewal);
+## make test-e2e-v2 runs both whole
 test: host-deps test-bins vm-kernel v2node build lint
 	$(GO) test $(GOTEST_FLAGS) ./...
+	$(if $(filter v2,$(NODE)),,$(E2E_V2) -run '^TestE2E$$' -v ./hack/e2e/)
+	$(if $(filter v2,$(NODE)),,$(E2E_V2) -run '^TestDeployment$$/^($(DEPLOY_V2))$$' -v ./hack/e2e/)
+E2E_V2    = KDG_NODE=v2 $(GO) test $(GOTEST_FLAGS)
+DEPLOY_V2 = CertManagerIssuedAndInjected|Throttle|WebhookDown|ApplierCrashLosesNothing|RenewedCertificateServedWithoutRestart
 
-## test-e2e-v2: TestE2E (the noisy neighbour and every end-to-end check) on
-## the cgroup v2 node (~19 min warm; not in make test yet: a pod start hangs 1 run in 4)
+## test-e2e-v2: TestE2E (the noisy neighbour and every end-to-end check on
+## the built binaries) and TestDeployment (the same checks through the
+## images, the manifests and cert-manager) on the cgroup v2 node
 .PHONY: test-e2e-v2
 test-e2e-v2: host-deps test-bins vm-kernel v2node build
-	KDG_NODE=v2 $(GO) test $(GOTEST_FLAGS) -run '^TestE2E$$' -v ./hack/e2e/
+	$(E2E_V2) -run '^(TestE2E|TestDeployment)$$' -v ./hack/e2e/
 
 ## unit-test: only the tests that need no real component
 unit-test:

@@ -493,14 +493,15 @@ func (c *Cluster) startEtcd(ctx context.Context) error {
 	})
 }
 
-// APIServerURL is the apiserver's address: loopback, or the pod bridge's
-// address in a Full cluster (pods reach it there).
+// APIServerURL is the apiserver's address from the host: loopback (a VM
+// node's is qemu's forward to it), or the pod bridge's address in a Full
+// host-node cluster (pods reach it there).
 func (c *Cluster) APIServerURL() string {
 	return fmt.Sprintf("https://%s", net.JoinHostPort(c.apiServerHost(), strconv.Itoa(c.APIServerPort)))
 }
 
 func (c *Cluster) apiServerHost() string {
-	if c.Full {
+	if c.Full && c.Config.Node == HostNode {
 		return PodGateway
 	}
 	return "127.0.0.1"

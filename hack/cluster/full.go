@@ -70,12 +70,20 @@ func (c *Cluster) startControllerManager(ctx context.Context) error {
 		return err
 	}
 	return c.wait(ctx, "kube-controller-manager (waiting for the default ServiceAccount)", proc, 60*time.Second, func() error {
-		if _, err := c.Client.CoreV1().ServiceAccounts("default").Get(ctx, "default", metav1.GetOptions{}); err != nil {
-			return err
-		}
-		_, err := c.Client.CoreV1().ConfigMaps("default").Get(ctx, "kube-root-ca.crt", metav1.GetOptions{})
-		return err
+		return c.defaultServiceAccountReady(ctx)
 	})
+}
+
+// defaultServiceAccountReady says whether the `default` ServiceAccount and
+// the kube-root-ca.crt ConfigMap exist in the default namespace: a pod's
+// projected token volume needs both (a Full cluster's controller-manager
+// makes them).
+func (c *Cluster) defaultServiceAccountReady(ctx context.Context) error {
+	if _, err := c.Client.CoreV1().ServiceAccounts("default").Get(ctx, "default", metav1.GetOptions{}); err != nil {
+		return err
+	}
+	_, err := c.Client.CoreV1().ConfigMaps("default").Get(ctx, "kube-root-ca.crt", metav1.GetOptions{})
+	return err
 }
 
 // startScheduler runs kube-scheduler without leader election or serving.
@@ -102,13 +110,11 @@ func (c *Cluster) startScheduler(ctx context.Context) error {
 	return nil
 }
 
-// startKubeProxy runs kube-proxy in iptables mode. Its host changes are
-// kept to what Services need: no conntrack sysctls (maxPerCore 0, timeouts
-// 0), no localhost NodePorts (which set route_localnet). Its KUBE-* chains
-// are removed at teardown (restoreIptables), the sysctls restored.
-// Ready when /healthz says the rules are synced.
-func (c *Cluster) startKubeProxy(ctx context.Context) error {
-	config := fmt.Sprintf(`apiVersion: kubeproxy.config.k8s.io/v1alpha1
+// kubeProxyConfig is kube-proxy's configuration on both node kinds:
+// iptables mode, health and metrics on 127.0.0.1 only, and no conntrack
+// sysctls touched (the host's are left as they are).
+func kubeProxyConfig(kubeconfig, nodeName, clusterCIDR string, healthzPort, metricsPort int) string {
+	return fmt.Sprintf(`apiVersion: kubeproxy.config.k8s.io/v1alpha1
 kind: KubeProxyConfiguration
 clientConnection:
   kubeconfig: %q
@@ -124,7 +130,16 @@ conntrack:
   tcpCloseWaitTimeout: 0s
 iptables:
   localhostNodePorts: false
-`, c.Kubeconfig, c.NodeName, PodCIDR, c.KubeProxyHealthzPort, c.KubeProxyMetricsPort)
+`, kubeconfig, nodeName, clusterCIDR, healthzPort, metricsPort)
+}
+
+// startKubeProxy runs kube-proxy in iptables mode. Its host changes are
+// kept to what Services need: no conntrack sysctls (maxPerCore 0, timeouts
+// 0), no localhost NodePorts (which set route_localnet). Its KUBE-* chains
+// are removed at teardown (restoreIptables), the sysctls restored.
+// Ready when /healthz says the rules are synced.
+func (c *Cluster) startKubeProxy(ctx context.Context) error {
+	config := kubeProxyConfig(c.Kubeconfig, c.NodeName, PodCIDR, c.KubeProxyHealthzPort, c.KubeProxyMetricsPort)
 	if err := os.WriteFile(c.path("kube-proxy.yaml"), []byte(config), 0o644); err != nil {
 		return err
 	}

@@ -2,6 +2,8 @@ package cluster
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"io"
@@ -10,7 +12,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -80,20 +81,34 @@ func (h *hostNode) Start(_ context.Context, spec ProcSpec) (Proc, error) {
 
 func (h *hostNode) FreePorts(_ context.Context, n int) ([]int, error) { return FreeLocalPorts(n) }
 
-func (h *hostNode) HTTPGet(ctx context.Context, port int, path string) (int, []byte, error) {
+func (h *hostNode) HTTPGet(ctx context.Context, addr, path string) (int, []byte, error) {
 	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+net.JoinHostPort("127.0.0.1", strconv.Itoa(port))+path, nil)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+addr+path, nil)
 	if err != nil {
 		return 0, nil, err
 	}
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := noKeepAlive.Do(req)
 	if err != nil {
 		return 0, nil, err
 	}
 	defer resp.Body.Close()
 	b, err := io.ReadAll(resp.Body)
 	return resp.StatusCode, b, err
+}
+
+// noKeepAlive opens a connection for each request: one opened before
+// kube-proxy wrote a Service's rules is not NATed, and conntrack keeps it so.
+var noKeepAlive = &http.Client{Transport: &http.Transport{DisableKeepAlives: true}}
+
+func (h *hostNode) TLSPeer(ctx context.Context, addr, serverName string) (*x509.Certificate, error) {
+	d := &tls.Dialer{NetDialer: &net.Dialer{Timeout: 3 * time.Second}, Config: &tls.Config{ServerName: serverName, InsecureSkipVerify: true}}
+	conn, err := d.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	defer conn.Close()
+	return conn.(*tls.Conn).ConnectionState().PeerCertificates[0], nil
 }
 
 // FreeLocalPorts returns n TCP ports free on this machine's loopback.

@@ -2,6 +2,7 @@ package cluster
 
 import (
 	"context"
+	"crypto/x509"
 	"fmt"
 	"io"
 	"os"
@@ -281,9 +282,15 @@ type Node interface {
 	Program(ctx context.Context, bin string) (string, error)
 	// FreePorts returns n TCP ports free on the node's loopback.
 	FreePorts(ctx context.Context, n int) ([]int, error)
-	// HTTPGet GETs http://127.0.0.1:<port><path> on the node's loopback
-	// (where the binaries' probes listen) and returns the status and body.
-	HTTPGet(ctx context.Context, port int, path string) (status int, body []byte, err error)
+	// HTTPGet GETs http://<addr><path> from the node's network (addr is
+	// host:port: 127.0.0.1 where the binaries' probes listen, a Service's
+	// ClusterIP), a new connection each time, and returns the status and
+	// body.
+	HTTPGet(ctx context.Context, addr, path string) (status int, body []byte, err error)
+	// TLSPeer dials addr over TLS from the node's network with SNI
+	// serverName, as the apiserver calls a webhook, and returns the
+	// certificate the server presents, unverified (the caller compares).
+	TLSPeer(ctx context.Context, addr, serverName string) (*x509.Certificate, error)
 }
 
 // ProcSpec is a program to run on the node (Node.Start).

@@ -4,9 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"net"
-	"net/http"
 	"path"
 	"slices"
 	"strconv"
@@ -96,6 +94,21 @@ func (c *Cluster) DeletePod(ctx context.Context, namespace, name string) error {
 		if err == nil {
 			return errors.New("still there")
 		}
+		return err
+	})
+}
+
+// WaitServiceAccount waits until the namespace's `default` ServiceAccount
+// exists in a Full cluster (the v2 node always is): until the
+// controller-manager has made it, the ServiceAccount admission plugin
+// refuses every pod of the namespace. Without Full there is nothing to
+// wait for.
+func (c *Cluster) WaitServiceAccount(ctx context.Context, namespace string) error {
+	if !c.Full {
+		return nil
+	}
+	return Poll(ctx, "ServiceAccount "+namespace+"/default", 200*time.Millisecond, c.PodTimeout(), func() error {
+		_, err := c.Client.CoreV1().ServiceAccounts(namespace).Get(ctx, "default", metav1.GetOptions{})
 		return err
 	})
 }
@@ -255,7 +268,7 @@ func (c *Cluster) Smoke(ctx context.Context) (*SmokeResult, error) {
 
 // smokeFull proves what Config.Full adds: a Deployment's pod is scheduled
 // (kube-scheduler) and made (kube-controller-manager) with a ServiceAccount
-// token; its Service answers the host on its ClusterIP (kube-proxy), and the
+// token; its Service answers on its ClusterIP from the node (kube-proxy), and the
 // pod reaches the apiserver through the `kubernetes` Service.
 func (c *Cluster) smokeFull(ctx context.Context) error {
 	const name, ns, body = "kdg-smoke-web", "default", "kdg smoke"
@@ -294,19 +307,16 @@ func (c *Cluster) smokeFull(ctx context.Context) error {
 	}
 	defer svcs.Delete(context.Background(), name, metav1.DeleteOptions{})
 
-	url := "http://" + net.JoinHostPort(svc.Spec.ClusterIP, "80") + "/"
-	// A new connection for each try: one opened before kube-proxy wrote the
-	// Service's rules is not NATed, and conntrack keeps it so.
-	httpc := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
-	if err := c.wait(ctx, "Service "+name+" answering on "+url, Proc{}, 60*time.Second, func() error {
-		resp, err := httpc.Get(url)
+	// From the node's network (the host reaches a VM's ClusterIPs only so),
+	// a new connection for each try (Node.HTTPGet).
+	addr := net.JoinHostPort(svc.Spec.ClusterIP, "80")
+	if err := c.wait(ctx, "Service "+name+" answering on "+addr, Proc{}, 60*time.Second, func() error {
+		status, b, err := c.Node.HTTPGet(ctx, addr, "/")
 		if err != nil {
 			return err
 		}
-		defer resp.Body.Close()
-		b, _ := io.ReadAll(resp.Body)
 		if strings.TrimSpace(string(b)) != body {
-			return fmt.Errorf("%s: %q", resp.Status, b)
+			return fmt.Errorf("status %d: %q", status, b)
 		}
 		return nil
 	}); err != nil {

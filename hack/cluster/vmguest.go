@@ -9,14 +9,14 @@ import (
 // The v2 node's guest configuration (written into the image by
 // buildVMImage, part of its key): systemd units for the guest network,
 // the agent, etcd, kube-apiserver, kube-controller-manager, kube-scheduler,
-// containerd 2.x, the image import and the kubelet, and the data disk's
+// kube-proxy, containerd 2.x, the image import and the kubelet, and the data disk's
 // mount; the kubelet with cgroupDriver: systemd and its default
 // failCgroupV1; containerd with SystemdCgroup = true. The reference this
 // follows was measured on this machine kind (shared/v2node).
 
 // vmUnits are enabled in multi-user.target.
 var vmUnits = []string{"kdg-net.service", "kdg-agent.service", "etcd.service", "kube-apiserver.service",
-	"kube-controller-manager.service", "kube-scheduler.service", "containerd.service", "kdg-images.service",
+	"kube-controller-manager.service", "kube-scheduler.service", "kube-proxy.service", "containerd.service", "kdg-images.service",
 	"kubelet.service", "data.mount"}
 
 const vmPKI = "/etc/kubernetes/pki"
@@ -41,7 +41,11 @@ func vmGuestFiles(release string) map[string]guestFile {
 		"etc/modules-load.d/kdg.conf": {"virtio_net\noverlay\nbridge\nveth\nbr_netfilter\n", 0o644},
 		"etc/sysctl.d/90-kdg.conf":    {"net.bridge.bridge-nf-call-iptables = 1\nnet.ipv4.ip_forward = 1\n", 0o644},
 		// qemu's user-mode network: the guest's address, no default route
-		// (restrict=on lets nothing out anyway).
+		// (restrict=on lets nothing out anyway); a route for the Service
+		// range only, as a node without a default route needs: a packet
+		// the node itself sends to a ClusterIP is routed before kube-proxy's
+		// OUTPUT rules rewrite it to a pod (there is nothing behind eth0
+		// for one that is not).
 		"etc/systemd/system/kdg-net.service": {`[Unit]
 Description=the guest's address on qemu's user-mode network (no route out)
 DefaultDependencies=no
@@ -51,7 +55,7 @@ Before=network.target
 [Service]
 Type=oneshot
 RemainAfterExit=yes
-ExecStart=/bin/sh -c 'modprobe virtio_net; for i in $(seq 100); do [ -e /sys/class/net/eth0 ] && break; sleep 0.1; done; ip link set lo up; ip addr add ` + vmGuestIP + `/24 dev eth0; ip link set eth0 up'
+ExecStart=/bin/sh -c 'modprobe virtio_net; for i in $(seq 100); do [ -e /sys/class/net/eth0 ] && break; sleep 0.1; done; ip link set lo up; ip addr add ` + vmGuestIP + `/24 dev eth0; ip link set eth0 up; ip route add ` + vmServiceCIDR + ` dev eth0'
 
 [Install]
 WantedBy=multi-user.target
@@ -70,8 +74,8 @@ WantedBy=multi-user.target
 			"--tls-cert-file="+p("apiserver.crt"), "--tls-private-key-file="+p("apiserver.key"), "--client-ca-file="+p("ca.crt"),
 			"--service-account-issuer=https://kubernetes.default.svc.cluster.local",
 			"--service-account-key-file="+p("sa.pub"), "--service-account-signing-key-file="+p("sa.key"),
-			"--service-cluster-ip-range=10.96.0.0/24", "--authorization-mode=Node,RBAC",
-			"--disable-admission-plugins=ServiceAccount", "--enable-admission-plugins=NodeRestriction",
+			"--service-cluster-ip-range="+vmServiceCIDR, "--authorization-mode=Node,RBAC",
+			"--enable-admission-plugins=NodeRestriction",
 			"--allow-privileged=true", "--enable-priority-and-fairness=false",
 			"--kubelet-client-certificate="+p("apiserver-kubelet-client.crt"), "--kubelet-client-key="+p("apiserver-kubelet-client.key"),
 			"--kubelet-certificate-authority="+p("ca.crt"), "--kubelet-preferred-address-types=InternalIP",
@@ -83,6 +87,12 @@ WantedBy=multi-user.target
 			"--controllers=*", "--profiling=false", "--v=1")),
 		"etc/systemd/system/kube-scheduler.service": unit("kube-scheduler", "kube-apiserver.service", service("/usr/local/bin/kube-scheduler",
 			"--kubeconfig="+vmKubeconfig, "--leader-elect=false", "--secure-port=0", "--profiling=false", "--v=1")),
+		// Services as Config.Full's host node has them (iptables mode): the
+		// apiserver reaches a webhook through its ClusterIP, pods reach the
+		// apiserver through the kubernetes Service.
+		"etc/systemd/system/kube-proxy.service": unit("kube-proxy", "kube-apiserver.service", service("/usr/local/bin/kube-proxy",
+			"--config=/etc/kubernetes/kube-proxy.yaml", "--v=1")),
+		"etc/kubernetes/kube-proxy.yaml": {kubeProxyConfig(vmKubeconfig, vmNodeName, vmPodCIDR, vmKubeProxyHealthzPort, vmKubeProxyMetricsPort), 0o644},
 		// As containerd's own unit: Delegate (runc makes the containers'
 		// scopes through systemd), KillMode=process (shims outlive it).
 		"etc/systemd/system/containerd.service": {`[Unit]
@@ -215,7 +225,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
 		// A bridge that exists only inside the VM.
 		"etc/cni/net.d/10-kdg.conflist": {`{"cniVersion": "0.4.0", "name": "kdg-bridge", "plugins": [{"type": "bridge", "bridge": "cni0",
   "isGateway": true, "ipMasq": false, "hairpinMode": false,
-  "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.88.0.0/24"}]], "routes": [{"dst": "0.0.0.0/0"}]}}]}
+  "ipam": {"type": "host-local", "ranges": [[{"subnet": "` + vmPodCIDR + `"}]], "routes": [{"dst": "0.0.0.0/0"}]}}]}
 `, 0o644},
 		"etc/kdg-release": {"kernel " + release + "\n", 0o644},
 	}

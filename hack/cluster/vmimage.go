@@ -54,19 +54,23 @@ const vmImageVersion = "v2node-image-1"
 // the host reaches the agent and the apiserver only through forwards to its
 // own 127.0.0.1 (restrict=on: the guest has no route anywhere).
 const (
-	vmGuestIP        = "10.0.2.15"
-	vmAgentPort      = 2222
-	vmAPIServerPort  = 6443
-	vmNodeName       = "kdg-node"
-	vmDataDevice     = "/dev/vdb"
-	vmDataDir        = "/data"
-	vmHarnessDir     = "/var/lib/kdg"
-	vmContainerdSock = "/run/kdg-containerd/containerd.sock"
-	vmKubeconfig     = "/etc/kubernetes/admin.kubeconfig"
-	vmRootMiB        = 6144
-	vmDataMiB        = 2048
-	vmMemMiB         = 3072
-	vmPKIValidity    = 365 * 24 * time.Hour
+	vmGuestIP              = "10.0.2.15"
+	vmAgentPort            = 2222
+	vmAPIServerPort        = 6443
+	vmNodeName             = "kdg-node"
+	vmDataDevice           = "/dev/vdb"
+	vmDataDir              = "/data"
+	vmHarnessDir           = "/var/lib/kdg"
+	vmContainerdSock       = "/run/kdg-containerd/containerd.sock"
+	vmKubeconfig           = "/etc/kubernetes/admin.kubeconfig"
+	vmPodCIDR              = "10.88.0.0/24" // the guest's bridge cni0
+	vmServiceCIDR          = "10.96.0.0/24"
+	vmKubeProxyHealthzPort = 10256
+	vmKubeProxyMetricsPort = 10249
+	vmRootMiB              = 6144
+	vmDataMiB              = 2048
+	vmMemMiB               = 3072
+	vmPKIValidity          = 365 * 24 * time.Hour
 )
 
 // vmKernelArgs is the guest kernel's command line (part of the image key).
@@ -85,7 +89,7 @@ func VMCacheDir() string {
 // guest's /usr/local/bin → host path.
 func vmBinaries(cfg Config) map[string]string {
 	bins := map[string]string{}
-	for _, b := range []string{"etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet", "kubectl"} {
+	for _, b := range []string{"etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kube-proxy", "kubelet", "kubectl"} {
 		bins[b] = filepath.Join(cfg.BinDir, b)
 	}
 	c2 := containerd2Dir()
@@ -176,13 +180,17 @@ func (im vmImage) path(p ...string) string { return filepath.Join(append([]strin
 
 // snapshotDir is where the booted-and-saved state of the image lives for
 // the qemu command line args (keyed by it and qemu's version).
+// vmSnapshotRecipe names what the guest has settled into when the snapshot
+// is saved (part of its key): change it when saveVMSnapshot waits for more.
+const vmSnapshotRecipe = "node Ready, default ServiceAccount"
+
 func (im vmImage) snapshotDir(qemuArgs []string) (string, error) {
 	out, err := exec.Command("qemu-system-x86_64", "--version").Output()
 	if err != nil {
 		return "", fmt.Errorf("qemu-system-x86_64 --version: %w", err)
 	}
 	h := sha256.New()
-	fmt.Fprintf(h, "%s\n%s\n", out, strings.Join(qemuArgs, "\x00"))
+	fmt.Fprintf(h, "%s\n%s\n%s\n", out, strings.Join(qemuArgs, "\x00"), vmSnapshotRecipe)
 	return im.path("snapshot-" + hex.EncodeToString(h.Sum(nil))[:16]), nil
 }
 

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -301,6 +302,12 @@ func ensureVMSnapshot(ctx context.Context, cfg Config, im vmImage) (string, erro
 		stopQemu()
 		return "", err
 	}
+	if err := c.wait(ctx, "the default ServiceAccount (kube-controller-manager)", Proc{}, 5*time.Minute, func() error {
+		return c.defaultServiceAccountReady(ctx)
+	}); err != nil {
+		stopQemu()
+		return "", err
+	}
 	c.logf("v2 node: node Ready %s after qemu started; saving", time.Since(t).Round(time.Second))
 	// Let the node settle (its first status updates, the kube-root-ca
 	// ConfigMap), drop the guest's page cache (a smaller state file), save.
@@ -411,10 +418,12 @@ func vmUp(ctx context.Context, cfg Config) (_ *Cluster, err error) {
 	}
 	step("snapshot", t)
 
-	// The pods get a network of their own on a bridge inside the VM; there
-	// is no kube-proxy (Full's Services from the host), but a scheduler and
-	// a controller-manager always run.
-	cfg.PodNetwork, cfg.Full = true, false
+	// The VM is always a Full node: the pods get a network of their own on
+	// a bridge inside it, and a controller-manager, a scheduler, kube-proxy
+	// and the ServiceAccount admission plugin run in the guest
+	// (vmGuestFiles). The host reaches a Service's ClusterIP only through
+	// the node (Node.HTTPGet, Node.TLSPeer).
+	cfg.PodNetwork, cfg.Full = true, true
 	c := &Cluster{Config: cfg}
 	defer func() { c.Timings = *timings }()
 	c.State.Node = V2Node
@@ -457,6 +466,14 @@ func vmUp(ctx context.Context, cfg Config) (_ *Cluster, err error) {
 		return nil, err
 	}
 	step("node Ready", t)
+	// The snapshot has them; a cache saved otherwise is caught here.
+	t = time.Now()
+	if err := c.wait(ctx, "the default ServiceAccount (kube-controller-manager)", v.proc, 2*time.Minute, func() error {
+		return c.defaultServiceAccountReady(ctx)
+	}); err != nil {
+		return nil, err
+	}
+	step("default ServiceAccount", t)
 	n := &vmNode{c: c, agent: v.agent, uploaded: map[string]string{}}
 	ver, err := n.Ctr(ctx, "version")
 	if err != nil {
@@ -663,13 +680,21 @@ func (n *vmNode) FreePorts(ctx context.Context, count int) ([]int, error) {
 	return ports, err
 }
 
-func (n *vmNode) HTTPGet(ctx context.Context, port int, p string) (int, []byte, error) {
+func (n *vmNode) HTTPGet(ctx context.Context, addr, p string) (int, []byte, error) {
 	var resp struct {
 		Status int    `json:"status"`
 		Body   []byte `json:"body"`
 	}
-	err := n.agent.do(ctx, http.MethodGet, "/http", url.Values{"port": {strconv.Itoa(port)}, "path": {p}}, nil, &resp)
+	err := n.agent.do(ctx, http.MethodGet, "/http", url.Values{"addr": {addr}, "path": {p}}, nil, &resp)
 	return resp.Status, resp.Body, err
+}
+
+func (n *vmNode) TLSPeer(ctx context.Context, addr, serverName string) (*x509.Certificate, error) {
+	var der []byte
+	if err := n.agent.do(ctx, http.MethodGet, "/tls", url.Values{"addr": {addr}, "sni": {serverName}}, nil, &der); err != nil {
+		return nil, err
+	}
+	return x509.ParseCertificate(der)
 }
 
 // agentClient talks to the guest agent through its host loopback forward.

@@ -75,7 +75,11 @@ func TestV2NodeUpSmokeDown(t *testing.T) {
 		}
 		t.Fatalf("smoke: %v", err)
 	}
-	t.Logf("pod Running in %s, kubectl exec in %s, cgroup %s, pod IP %s", res.PodRunning.Round(time.Millisecond), res.Exec.Round(time.Millisecond), res.Cgroup, res.PodIP)
+	t.Logf("pod Running in %s, kubectl exec in %s, cgroup %s, pod IP %s; a Deployment's pod with a ServiceAccount token answering on its Service's ClusterIP and reaching the apiserver through the kubernetes Service in %s",
+		res.PodRunning.Round(time.Millisecond), res.Exec.Round(time.Millisecond), res.Cgroup, res.PodIP, res.Service.Round(time.Millisecond))
+	if res.Service == 0 {
+		t.Error("the Service check (controller-manager, scheduler, kube-proxy) did not run: the v2 node is always Full")
+	}
 	const slice = "/sys/fs/cgroup/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod"
 	if !strings.HasPrefix(res.Cgroup, slice) || !strings.Contains(res.Cgroup, ".slice/cri-containerd-") || !strings.HasSuffix(res.Cgroup, ".scope") {
 		t.Errorf("cgroup %s, want %s<uid_>.slice/cri-containerd-<id>.scope", res.Cgroup, slice)

@@ -217,6 +217,11 @@ func (d *demo) story(ctx context.Context) error {
 			return err
 		}
 	}
+	for _, ns := range []string{optedIn, notOptedIn} {
+		if err := d.c.WaitServiceAccount(ctx, ns); err != nil {
+			return err
+		}
+	}
 
 	d.say("\n──── 2. A pod runs fio on the data disk (%s) ────", d.dataDir())
 	d.say("It loops: fio 4k random reads, O_DIRECT, libaio, iodepth 16, %d s, then a 2 s pause; the IOPS come from fio's JSON output in the pod's log.", fioSeconds)
@@ -232,11 +237,11 @@ func (d *demo) story(ctx context.Context) error {
 			return err
 		}
 	}
-	limited, err := d.c.WaitRunning(ctx, optedIn, podName, 60*time.Second)
+	limited, err := d.c.WaitRunning(ctx, optedIn, podName, d.c.PodTimeout())
 	if err != nil {
 		return err
 	}
-	free, err := d.c.WaitRunning(ctx, notOptedIn, podName, 60*time.Second)
+	free, err := d.c.WaitRunning(ctx, notOptedIn, podName, d.c.PodTimeout())
 	if err != nil {
 		return err
 	}
@@ -580,8 +585,8 @@ func describeExcerpt(s string) string {
 
 // startWebhook serves the webhook on the node on a free loopback port with
 // a certificate signed by the cluster CA, and registers the shipped
-// MutatingWebhookConfiguration with its clientConfig pointed at it (there is
-// no kube-proxy to reach a Service). See hack/kdg.
+// MutatingWebhookConfiguration with its clientConfig pointed at it (the
+// host node of the demo runs no kube-proxy to reach a Service). See hack/kdg.
 func (d *demo) startWebhook(ctx context.Context) error {
 	d.step("starting kubediskguard-webhook")
 	w, err := kdg.StartWebhook(ctx, d.c, filepath.Join(d.binDir, "kubediskguard-webhook"))

@@ -3,7 +3,6 @@ package e2e
 import (
 	"bytes"
 	"context"
-	"crypto/tls"
 	"crypto/x509"
 	"fmt"
 	"net"
@@ -46,7 +45,8 @@ const (
 )
 
 // TestDeployment is what a platform team does, on the real single-node
-// cluster with controller-manager, scheduler and kube-proxy (cluster.Full):
+// cluster with controller-manager, scheduler and kube-proxy (cluster.Full),
+// on either node kind (KDG_NODE; the v2 node's run them in the VM):
 // the images built from Dockerfile.webhook and Dockerfile.applier with
 // docker build and imported into the node's containerd; cert-manager's own
 // controllers and CA injector (hack/certmanager) with its CRDs; then
@@ -84,14 +84,6 @@ func setUpDeployment(t *testing.T) (*env, *deployed) {
 	assets := realtest.KubeAssets(t, "etcd", "kube-apiserver", "kubelet", "kubectl",
 		"kube-controller-manager", "kube-scheduler", "kube-proxy", certmanager.Binary)
 	kind := nodeKind(t)
-	if kind == cluster.V2Node {
-		// Its pods would get no ServiceAccount token and no Service routing
-		// (the VM runs no kube-proxy and the apiserver no ServiceAccount
-		// admission), so the Deployment and DaemonSet could not reach the
-		// API server: measured, README.
-		t.Logf("KDG_NODE=%s: TestDeployment runs on the host node; the v2 node has no kube-proxy or ServiceAccount tokens yet", kind)
-		kind = cluster.HostNode
-	}
 	cfg := cluster.Config{Node: kind, BinDir: assets, Log: testWriter{t}, Full: true}
 	for _, m := range cfg.Missing() {
 		realtest.Missing(t, m, "make host-deps test-bins")
@@ -244,7 +236,7 @@ func (d *deployed) kubectl(ctx context.Context, args ...string) error {
 // waitWebhook waits until the webhook Deployment has replicas ready pods
 // of its current template (0: no pod left at all).
 func (d *deployed) waitWebhook(ctx context.Context, replicas int32) error {
-	return cluster.Poll(ctx, fmt.Sprintf("webhook Deployment with %d ready pods", replicas), 200*time.Millisecond, 3*time.Minute, func() error {
+	return cluster.Poll(ctx, fmt.Sprintf("webhook Deployment with %d ready pods", replicas), 200*time.Millisecond, d.e.f.slowed(3*time.Minute), func() error {
 		dep := &appsv1.Deployment{}
 		if err := d.cl.Get(ctx, client.ObjectKey{Namespace: systemNS, Name: webhookName}, dep); err != nil {
 			return err
@@ -259,25 +251,23 @@ func (d *deployed) waitWebhook(ctx context.Context, replicas int32) error {
 		if s.ObservedGeneration < dep.Generation || s.UpdatedReplicas != replicas || s.ReadyReplicas != replicas || s.Replicas != replicas {
 			return fmt.Errorf("status %+v (generation %d)", s, dep.Generation)
 		}
-		// As the apiserver calls it: through the Service, once kube-proxy
-		// has its ready endpoints.
+		// As the apiserver calls it: from the node, through the Service,
+		// once kube-proxy has its ready endpoints.
 		svc := &corev1.Service{}
 		if err := d.cl.Get(ctx, client.ObjectKey{Namespace: systemNS, Name: webhookName}, svc); err != nil {
 			return err
 		}
-		conn, err := tls.DialWithDialer(&net.Dialer{Timeout: 2 * time.Second}, "tcp", net.JoinHostPort(svc.Spec.ClusterIP, "443"),
-			&tls.Config{ServerName: webhookDNS, InsecureSkipVerify: true})
-		if err != nil {
+		if _, err := d.e.c.Node.TLSPeer(ctx, net.JoinHostPort(svc.Spec.ClusterIP, "443"), webhookDNS); err != nil {
 			return fmt.Errorf("the webhook's Service: %w", err)
 		}
-		return conn.Close()
+		return nil
 	})
 }
 
 // waitApplier waits until the DaemonSet's pod of its current template is
 // ready on the node (its /readyz: the first full reconcile has run).
 func (d *deployed) waitApplier(ctx context.Context) error {
-	return cluster.Poll(ctx, "applier DaemonSet ready", 200*time.Millisecond, 3*time.Minute, func() error {
+	return cluster.Poll(ctx, "applier DaemonSet ready", 200*time.Millisecond, d.e.f.slowed(3*time.Minute), func() error {
 		ds := &appsv1.DaemonSet{}
 		if err := d.cl.Get(ctx, client.ObjectKey{Namespace: systemNS, Name: applierName}, ds); err != nil {
 			return err
@@ -356,7 +346,7 @@ func (d *deployed) StopApplier(ctx context.Context, crash bool) error {
 		return err
 	}
 	d.paused = true
-	return cluster.Poll(ctx, "applier pods gone", 200*time.Millisecond, 2*time.Minute, func() error { return d.noPods(ctx, applierName) })
+	return cluster.Poll(ctx, "applier pods gone", 200*time.Millisecond, d.e.f.slowed(2*time.Minute), func() error { return d.noPods(ctx, applierName) })
 }
 
 // noPods: no pod of app.kubernetes.io/name=name is left, terminating or not.
@@ -435,7 +425,7 @@ func (d *deployed) Close(t testing.TB) {
 // certificate; the apiserver's calls succeed (a pod in an opted-in
 // namespace is stamped).
 func (d *deployed) testIssued(t *testing.T) {
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), d.e.f.slowed(2*time.Minute))
 	defer cancel()
 	ca := d.caCertificate(ctx, t)
 	leaf, crt := d.servingCertificate(ctx, t, 1)
@@ -476,7 +466,7 @@ func (d *deployed) testIssued(t *testing.T) {
 // without a restart (same pods, same restart counts); the apiserver's calls
 // still succeed.
 func (d *deployed) testRenewal(t *testing.T) {
-	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), d.e.f.slowed(4*time.Minute))
 	defer cancel()
 	old, crt := d.servingCertificate(ctx, t, 1)
 	before, err := d.pods(ctx, webhookName)
@@ -495,7 +485,7 @@ func (d *deployed) testRenewal(t *testing.T) {
 	if bytes.Equal(old.RawSubjectPublicKeyInfo, renewed.RawSubjectPublicKeyInfo) {
 		t.Errorf("the renewed certificate has the old key; the Certificate's rotationPolicy is Always")
 	}
-	if err := cluster.Poll(ctx, "both webhook pods serving the renewed certificate", 200*time.Millisecond, 3*time.Minute, func() error {
+	if err := cluster.Poll(ctx, "both webhook pods serving the renewed certificate", 200*time.Millisecond, d.e.f.slowed(3*time.Minute), func() error {
 		for ip, served := range d.servedCertificates(ctx, t) {
 			if !served.Equal(renewed) {
 				return fmt.Errorf("pod %s serves serial %s", ip, served.SerialNumber)
@@ -581,8 +571,8 @@ func (d *deployed) secretCerts(ctx context.Context, t *testing.T, name string) [
 	return certs
 }
 
-// servedCertificates dials each webhook pod (pod IP, port 9443, SNI the
-// Service's name, as the apiserver does) and returns the certificate it
+// servedCertificates dials each webhook pod from the node (pod IP, port
+// 9443, SNI the Service's name, as the apiserver does) and returns the certificate it
 // presents, by pod IP.
 func (d *deployed) servedCertificates(ctx context.Context, t *testing.T) map[string]*x509.Certificate {
 	t.Helper()
@@ -593,12 +583,11 @@ func (d *deployed) servedCertificates(ctx context.Context, t *testing.T) map[str
 	out := map[string]*x509.Certificate{}
 	for _, p := range pods {
 		addr := net.JoinHostPort(p.Status.PodIP, "9443")
-		conn, err := tls.DialWithDialer(&net.Dialer{Timeout: 3 * time.Second}, "tcp", addr, &tls.Config{ServerName: webhookDNS, InsecureSkipVerify: true})
+		crt, err := d.e.c.Node.TLSPeer(ctx, addr, webhookDNS)
 		if err != nil {
 			t.Fatalf("TLS to webhook pod %s at %s: %v", p.Name, addr, err)
 		}
-		out[p.Status.PodIP] = conn.ConnectionState().PeerCertificates[0]
-		conn.Close()
+		out[p.Status.PodIP] = crt
 	}
 	if len(out) != 2 {
 		t.Fatalf("%d webhook pods, want 2", len(out))

@@ -180,16 +180,8 @@ func (e *env) prepare(ctx context.Context) error {
 			return err
 		}
 	}
-	if !e.c.Full {
-		return nil
-	}
-	// With the ServiceAccount admission plugin, a pod is refused until the
-	// controller-manager made its namespace's `default` ServiceAccount.
 	for _, ns := range []string{optedIn, notOptedIn} {
-		if err := cluster.Poll(ctx, "ServiceAccount "+ns+"/default", 200*time.Millisecond, 30*time.Second, func() error {
-			_, err := e.c.Client.CoreV1().ServiceAccounts(ns).Get(ctx, "default", metav1.GetOptions{})
-			return err
-		}); err != nil {
+		if err := e.c.WaitServiceAccount(ctx, ns); err != nil {
 			return err
 		}
 	}

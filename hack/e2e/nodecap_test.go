@@ -35,7 +35,7 @@ import (
 // containers' own limits alone; restarted with the setting gone after a cap
 // was set, the default (0: off) clears it again.
 func (e *env) testDataTotalIOPS(t *testing.T) {
-	ctx, cancel := context.WithTimeout(context.Background(), e.f.slowed(2*time.Minute))
+	ctx, cancel := context.WithTimeout(context.Background(), e.f.slowed(4*time.Minute))
 	defer cancel()
 	t.Cleanup(func() { e.restoreApplier(t) })
 	layout := e.c.Node.Layout()

@@ -45,12 +45,10 @@ func (e *env) testPolicyReachesRunningPods(t *testing.T) {
 	}
 	pods := e.c.Client.CoreV1().Pods(policyNS)
 	pod := e.fioPod(policyNS, "running", nil, "app")
-	// In a Full cluster the pod is refused until the namespace's default
-	// ServiceAccount exists.
-	if err := cluster.Poll(ctx, "creating "+policyNS+"/running", 200*time.Millisecond, 30*time.Second, func() error {
-		_, err := pods.Create(ctx, pod, metav1.CreateOptions{})
-		return err
-	}); err != nil {
+	if err := e.c.WaitServiceAccount(ctx, policyNS); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := pods.Create(ctx, pod, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { e.deletePods(t, pod) })

@@ -34,13 +34,8 @@ func (e *env) testUnstampedPod(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { core.Namespaces().Delete(context.Background(), lateNS, metav1.DeleteOptions{}) })
-	if e.c.Full {
-		if err := cluster.Poll(ctx, "ServiceAccount "+lateNS+"/default", 200*time.Millisecond, 30*time.Second, func() error {
-			_, err := core.ServiceAccounts(lateNS).Get(ctx, "default", metav1.GetOptions{})
-			return err
-		}); err != nil {
-			t.Fatal(err)
-		}
+	if err := e.c.WaitServiceAccount(ctx, lateNS); err != nil {
+		t.Fatal(err)
 	}
 	if _, err := core.Pods(lateNS).Create(ctx, e.c.Pod(lateNS, "late", "sleep", "inf"), metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)

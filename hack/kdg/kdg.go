@@ -13,6 +13,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -25,6 +26,7 @@ import (
 
 	admissionv1 "k8s.io/api/admissionregistration/v1"
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/client-go/kubernetes"
 	"sigs.k8s.io/yaml"
 
@@ -187,7 +189,9 @@ func (p *NodeProc) Tail(ctx context.Context, n int) string {
 // WaitReady polls http://127.0.0.1:port/readyz on the node until p answers
 // 200, for as long as the cluster's node kind allows (cluster.ReadyTimeout).
 func (p *NodeProc) WaitReady(ctx context.Context, port int) error {
-	return waitReady(ctx, p.Proc.Name, p.ready, func() (int, []byte, error) { return p.node.HTTPGet(ctx, port, "/readyz") },
+	return waitReady(ctx, p.Proc.Name, p.ready, func() (int, []byte, error) {
+		return p.node.HTTPGet(ctx, net.JoinHostPort("127.0.0.1", strconv.Itoa(port)), "/readyz")
+	},
 		func() bool { return !p.Running(ctx) }, func() string { return p.Tail(ctx, 20) })
 }
 
@@ -379,11 +383,14 @@ func ParseFioJSON(b []byte) (FioResult, error) {
 	return out, nil
 }
 
+// errLogRead marks FioRuns' failures to read the log (not to parse it).
+var errLogRead = errors.New("reading the log")
+
 // FioRuns parses the container's log into its fio runs.
 func FioRuns(ctx context.Context, client kubernetes.Interface, pod *corev1.Pod, container string) ([]FioRun, error) {
 	b, err := client.CoreV1().Pods(pod.Namespace).GetLogs(pod.Name, &corev1.PodLogOptions{Container: container}).DoRaw(ctx)
 	if err != nil {
-		return nil, fmt.Errorf("reading the log of %s/%s %s: %w", pod.Namespace, pod.Name, container, err)
+		return nil, fmt.Errorf("%w of %s/%s %s: %w", errLogRead, pod.Namespace, pod.Name, container, err)
 	}
 	var runs []FioRun
 	var cur *bytes.Buffer
@@ -427,6 +434,12 @@ func NextRun(ctx context.Context, client kubernetes.Interface, pod *corev1.Pod, 
 	err := cluster.Poll(ctx, fmt.Sprintf("a fio run in %s/%s %s started after %s", pod.Namespace, pod.Name, container, since.Format(time.TimeOnly)),
 		500*time.Millisecond, timeout, func() error {
 			runs, err := FioRuns(ctx, client, pod, container)
+			if errors.Is(err, errLogRead) && !apierrors.IsNotFound(err) && !apierrors.IsForbidden(err) {
+				// The apiserver's proxy to the kubelet fails now and
+				// then on a loaded node ("an error on the server
+				// (\"unknown\")"): asked again, it answers.
+				return err
+			}
 			if err != nil {
 				return cluster.Final(err)
 			}

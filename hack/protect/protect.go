@@ -143,15 +143,13 @@ func (s *Setup) startPod(ctx context.Context, ns, name string) (*corev1.Pod, err
 		{Name: "lib", MountPath: "/lib", ReadOnly: true},
 		{Name: "lib64", MountPath: "/lib64", ReadOnly: true},
 	}
-	// A Full cluster refuses the pod until the namespace's default
-	// ServiceAccount exists.
-	if err := cluster.Poll(ctx, "creating "+ns+"/"+name, 200*time.Millisecond, 30*time.Second, func() error {
-		_, err := s.C.Client.CoreV1().Pods(ns).Create(ctx, p, metav1.CreateOptions{})
-		return err
-	}); err != nil {
+	if err := s.C.WaitServiceAccount(ctx, ns); err != nil {
 		return nil, err
 	}
-	return s.C.WaitRunning(ctx, ns, name, 60*time.Second)
+	if _, err := s.C.Client.CoreV1().Pods(ns).Create(ctx, p, metav1.CreateOptions{}); err != nil {
+		return nil, err
+	}
+	return s.C.WaitRunning(ctx, ns, name, s.C.PodTimeout())
 }
 
 // Cleanup deletes the two namespaces (and so the pods) and the fio files.

@@ -1,7 +1,7 @@
 // Command agent is the guest command agent of the cgroup v2 node kind
 // (hack/cluster, NODE=v2): a small HTTP server inside the VM through which
 // the host runs commands, reads and writes files, starts detached programs
-// and probes loopback ports as root. It listens on the guest's port 2222,
+// and makes HTTP and TLS probes from the guest's network as root. It listens on the guest's port 2222,
 // which qemu forwards to a port on the host's 127.0.0.1 only, and refuses
 // any request without the image's random token (/etc/kdg-agent/token) as
 // "Authorization: Bearer TOKEN". It is built statically when the image is
@@ -11,6 +11,7 @@ package main
 import (
 	"context"
 	"crypto/subtle"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -82,6 +83,7 @@ func main() {
 	mux.HandleFunc("POST /start", handleStart)
 	mux.HandleFunc("GET /freeports", handleFreePorts)
 	mux.HandleFunc("GET /http", handleHTTP)
+	mux.HandleFunc("GET /tls", handleTLS)
 	auth := func(w http.ResponseWriter, r *http.Request) {
 		got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
 		if !ok || subtle.ConstantTimeCompare([]byte(got), []byte(token)) != 1 {
@@ -257,20 +259,24 @@ func handleFreePorts(w http.ResponseWriter, r *http.Request) {
 	reply(w, ports)
 }
 
+// handleHTTP GETs http://<addr><path> from the guest's network (addr is
+// host:port: a loopback probe, a Service's ClusterIP), a new connection
+// each time: one opened before kube-proxy wrote a Service's rules is not
+// NATed, and conntrack keeps it so.
 func handleHTTP(w http.ResponseWriter, r *http.Request) {
-	port, err := strconv.Atoi(r.URL.Query().Get("port"))
-	if err != nil {
-		http.Error(w, "want port", http.StatusBadRequest)
+	addr := r.URL.Query().Get("addr")
+	if _, _, err := net.SplitHostPort(addr); err != nil {
+		http.Error(w, "want addr=host:port: "+err.Error(), http.StatusBadRequest)
 		return
 	}
 	ctx, cancel := context.WithTimeout(r.Context(), 5*time.Second)
 	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+net.JoinHostPort("127.0.0.1", strconv.Itoa(port))+r.URL.Query().Get("path"), nil)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+addr+r.URL.Query().Get("path"), nil)
 	if err != nil {
 		http.Error(w, err.Error(), http.StatusBadRequest)
 		return
 	}
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := noKeepAlive.Do(req)
 	if err != nil {
 		http.Error(w, err.Error(), http.StatusBadGateway)
 		return
@@ -278,4 +284,24 @@ func handleHTTP(w http.ResponseWriter, r *http.Request) {
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
 	reply(w, HTTPResponse{Status: resp.StatusCode, Body: b})
+}
+
+var noKeepAlive = &http.Client{Transport: &http.Transport{DisableKeepAlives: true}}
+
+// handleTLS dials addr over TLS from the guest's network with SNI sni and
+// returns the DER of the certificate the server presents, unverified (the
+// caller compares it with what it expects).
+func handleTLS(w http.ResponseWriter, r *http.Request) {
+	addr, sni := r.URL.Query().Get("addr"), r.URL.Query().Get("sni")
+	if _, _, err := net.SplitHostPort(addr); err != nil {
+		http.Error(w, "want addr=host:port: "+err.Error(), http.StatusBadRequest)
+		return
+	}
+	conn, err := tls.DialWithDialer(&net.Dialer{Timeout: 3 * time.Second}, "tcp", addr, &tls.Config{ServerName: sni, InsecureSkipVerify: true})
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusBadGateway)
+		return
+	}
+	defer conn.Close()
+	reply(w, conn.ConnectionState().PeerCertificates[0].Raw)
 }

@@ -34,11 +34,13 @@ export KDG_CONTAINERD2_DIR := $(CONTAINERD2_DIR)
 # containerd runtime tests), docker.io (dockerd, for the Docker runtime tests),
 # busybox-static (the containers' root filesystem), fio (IO measurements),
 # containernetworking-plugins (the local cluster's pod network), e2fsprogs
-# and mount (mkfs.ext4, losetup: the host node's loop-device data disk), iptables
-# (kube-proxy in the deployment test's cluster), iproute2 (its pod bridge).
-# make demo needs only the first set.
+# and mount (mkfs.ext4, losetup: the host node's loop-device data disk),
+# iproute2 (its pod bridge); iptables (kube-proxy in a Full cluster: the
+# deployment test's, make up's) and nftables (nft: teardown removes the
+# tables iptables-nft made for it). make demo needs only the first set.
 DEMO_PACKAGES := containerd runc busybox-static fio containernetworking-plugins iproute2 e2fsprogs mount
-HOST_PACKAGES := $(DEMO_PACKAGES) docker.io iptables
+FULL_PACKAGES := iptables nftables
+HOST_PACKAGES := $(DEMO_PACKAGES) docker.io $(FULL_PACKAGES)
 # The pinned binaries make demo needs (a cluster without controller-manager,
 # scheduler or kube-proxy; no cert-manager); make test needs them all.
 DEMO_BINS := etcd kube-apiserver kubelet kubectl
@@ -177,7 +179,7 @@ down:
 ## scheduler, controller-manager and kube-proxy of a Full cluster)
 .PHONY: up-deps up-bins
 up-deps:
-	@$(MAKE) --no-print-directory apt-install PACKAGES="$(DEMO_PACKAGES) iptables"
+	@$(MAKE) --no-print-directory apt-install PACKAGES="$(DEMO_PACKAGES) $(FULL_PACKAGES)"
 up-bins:
 	KUBE_VERSION=$(KUBE_VERSION) ETCD_VERSION=$(ETCD_VERSION) bash hack/test-bins.sh $(TEST_BIN_DIR) $(DEMO_BINS) kube-controller-manager kube-scheduler kube-proxy
 

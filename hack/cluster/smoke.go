@@ -308,9 +308,10 @@ func (c *Cluster) smokeFull(ctx context.Context) error {
 	defer svcs.Delete(context.Background(), name, metav1.DeleteOptions{})
 
 	// From the node's network (the host reaches a VM's ClusterIPs only so),
-	// a new connection for each try (Node.HTTPGet).
+	// a new connection for each try (Node.HTTPGet). The wait holds the
+	// Deployment's pod start: a pod's bound, scaled to the node kind.
 	addr := net.JoinHostPort(svc.Spec.ClusterIP, "80")
-	if err := c.wait(ctx, "Service "+name+" answering on "+addr, Proc{}, 60*time.Second, func() error {
+	if err := c.wait(ctx, "Service "+name+" answering on "+addr, Proc{}, c.PodTimeout(), func() error {
 		status, b, err := c.Node.HTTPGet(ctx, addr, "/")
 		if err != nil {
 			return err

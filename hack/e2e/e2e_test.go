@@ -269,7 +269,7 @@ func (e *env) pod(ctx context.Context, t *testing.T, ns, name string) *corev1.Po
 // between markers in its log (kdg.FioRuns). fio comes from the node.
 func (e *env) fioContainer(name, writeFile string) corev1.Container {
 	script := fmt.Sprintf(`i=0; while :; do i=$((i+1)); sleep 1; %s --output-format=json --output=/tmp/fio.json; `+
-		`echo "=== fio run $i"; cat /tmp/fio.json; echo "=== end of fio run $i"; done`, fioCommand(e.f.fioSeconds, writeFile))
+		`echo "=== fio run $i"; cat /tmp/fio.json; echo "=== end of fio run $i"; done`, e.f.fioCommand(e.f.fioSeconds, writeFile))
 	return corev1.Container{
 		Name: name, Image: cluster.BusyboxImage, ImagePullPolicy: corev1.PullNever,
 		Command: []string{"sh", "-c", script},
@@ -284,10 +284,14 @@ func (e *env) fioContainer(name, writeFile string) corev1.Container {
 
 // fioCommand is the fio run of a fioContainer, for runtime seconds: the
 // random reads of the shared data file and the random writes of writeFile
-// (in the data dir).
-func fioCommand(runtime int, writeFile string) string {
-	return fmt.Sprintf(`/usr/bin/fio --size=%dM --bs=4k --direct=1 --ioengine=libaio --iodepth=8 --runtime=%d --time_based `+
-		`--name=r --filename=/data/read.dat --rw=randread --name=w --filename=/data/%s --rw=randwrite`, fioFileMiB, runtime, writeFile)
+// (in the data dir), each job at most f.fioRate IOPS when that is set.
+func (f figures) fioCommand(runtime int, writeFile string) string {
+	rate := ""
+	if f.fioRate > 0 {
+		rate = fmt.Sprintf("--rate_iops=%d ", f.fioRate)
+	}
+	return fmt.Sprintf(`/usr/bin/fio --size=%dM --bs=4k --direct=1 --ioengine=libaio --iodepth=8 --runtime=%d --time_based %s`+
+		`--name=r --filename=/data/read.dat --rw=randread --name=w --filename=/data/%s --rw=randwrite`, fioFileMiB, runtime, rate, writeFile)
 }
 
 // fioWriteFile is the name of the write file of container c of fio pod
@@ -519,6 +523,11 @@ func (e *env) testWebhookDown(t *testing.T) {
 		if err := e.g.StartWebhook(ctx); err != nil {
 			t.Errorf("restarting the webhook: %v", err)
 		}
+	})
+	// Its pods are gone before the next check starts its own: their
+	// starts and teardowns are not to run beside the applier crash's.
+	t.Cleanup(func() {
+		e.deletePods(t, e.c.Pod(notOptedIn, "while-down"), e.c.Pod(optedIn, "after-restart"))
 	})
 
 	_, err := pods.Pods(optedIn).Create(ctx, e.c.Pod(optedIn, "while-down", "sleep", "inf"), metav1.CreateOptions{})

@@ -175,7 +175,7 @@ func (e *env) holdDemand(ctx context.Context, t *testing.T, p *corev1.Pod, conta
 	marker := fmt.Sprintf("hold-%s-%s-%s", p.Namespace, p.Name, container)
 	e.c.Node.Run(ctx, "rm", "-f", e.data(marker))
 	runtime := int((window + e.f.slowed(5*time.Second)).Seconds())
-	script := fmt.Sprintf(`touch /data/%s; exec %s --output=/dev/null`, marker, fioCommand(runtime, fioWriteFile(p.Namespace, p.Name, container)))
+	script := fmt.Sprintf(`touch /data/%s; exec %s --output=/dev/null`, marker, e.f.fioCommand(runtime, fioWriteFile(p.Namespace, p.Name, container)))
 	done := make(chan error, 1)
 	go func() {
 		_, err := e.c.Kubectl(ctx, "exec", "-n", p.Namespace, p.Name, "-c", container, "--", "sh", "-c", script)

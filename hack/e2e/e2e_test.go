@@ -90,11 +90,10 @@ func TestE2E(t *testing.T) {
 		t.Skip("starts a real cluster and measures disk IO; not with -short")
 	}
 	realtest.Root(t)
-	if nodeKind(t) == cluster.HostNode {
-		// One kubelet; no other package's runtimes or kubepods cgroups
-		// meanwhile. The v2 node is a VM: it touches none of the host's.
-		realtest.HostLock(t)
-	}
+	// On the host: one kubelet, no other package's runtimes or kubepods
+	// cgroups meanwhile. The v2 node is a VM that touches none of the
+	// host's, but it needs the host's cores, as TestV2NodeUpSmokeDown's.
+	realtest.HostLock(t)
 	e := setUp(t)
 	// First, while no other check's pods do IO on the data disk.
 	t.Run("NoisyNeighbour", e.testProtection)
@@ -524,13 +523,15 @@ func (e *env) testWebhookDown(t *testing.T) {
 			t.Errorf("restarting the webhook: %v", err)
 		}
 	})
+	refused := e.c.Pod(optedIn, "while-down", "sleep", "inf")
+	admitted := e.c.Pod(notOptedIn, "while-down", "sleep", "inf")
+	after := e.c.Pod(optedIn, "after-restart", "sleep", "inf")
 	// Its pods are gone before the next check starts its own: their
 	// starts and teardowns are not to run beside the applier crash's.
-	t.Cleanup(func() {
-		e.deletePods(t, e.c.Pod(notOptedIn, "while-down"), e.c.Pod(optedIn, "after-restart"))
-	})
+	// (refused too, should it have been admitted.)
+	t.Cleanup(func() { e.deletePods(t, refused, admitted, after) })
 
-	_, err := pods.Pods(optedIn).Create(ctx, e.c.Pod(optedIn, "while-down", "sleep", "inf"), metav1.CreateOptions{})
+	_, err := pods.Pods(optedIn).Create(ctx, refused, metav1.CreateOptions{})
 	if err == nil {
 		t.Errorf("pod created in %s with the webhook down; want it refused", optedIn)
 	} else {
@@ -542,7 +543,7 @@ func (e *env) testWebhookDown(t *testing.T) {
 			}
 		}
 	}
-	if _, err := pods.Pods(notOptedIn).Create(ctx, e.c.Pod(notOptedIn, "while-down", "sleep", "inf"), metav1.CreateOptions{}); err != nil {
+	if _, err := pods.Pods(notOptedIn).Create(ctx, admitted, metav1.CreateOptions{}); err != nil {
 		t.Errorf("pod in %s (not opted in) refused with the webhook down: %v", notOptedIn, err)
 	}
 
@@ -551,7 +552,7 @@ func (e *env) testWebhookDown(t *testing.T) {
 	}
 	var p *corev1.Pod
 	if err := cluster.Poll(ctx, "creating a pod", 200*time.Millisecond, e.f.slowed(15*time.Second), func() (err error) {
-		p, err = pods.Pods(optedIn).Create(ctx, e.c.Pod(optedIn, "after-restart", "sleep", "inf"), metav1.CreateOptions{})
+		p, err = pods.Pods(optedIn).Create(ctx, after, metav1.CreateOptions{})
 		return err
 	}); err != nil {
 		t.Fatalf("pod in %s refused after the webhook came back: %v", optedIn, err)

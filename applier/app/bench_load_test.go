@@ -16,6 +16,7 @@ import (
 	"github.com/containerd/containerd/v2/pkg/cio"
 
 	"github.com/kubediskguard/kubediskguard/hack/runtimetest"
+	"github.com/kubediskguard/kubediskguard/shared/realtest"
 )
 
 // BenchmarkReactionUnderLoad is BenchmarkReaction on a busy node: every
@@ -46,7 +47,7 @@ func benchmarkReactionUnderLoad(b *testing.B, d *runtimetest.Containerd) {
 	time.Sleep(time.Second) // the applier's informer has the pods
 	hogs(b, runtime.NumCPU())
 	time.Sleep(time.Second)
-	b.Logf("load average with %d CPU hogs: %s", runtime.NumCPU(), loadavg())
+	b.Logf("load average with %d CPU hogs: %s", runtime.NumCPU(), realtest.LoadAverage())
 
 	ctx := k8sCtx()
 	// starts starts the containers of pods[from:to] at once (each made
@@ -128,7 +129,7 @@ func benchmarkReactionUnderLoad(b *testing.B, d *runtimetest.Containerd) {
 		report(fmt.Sprintf("bursts-of-%d", startBurst), took, ios)
 	}
 	b.StopTimer()
-	b.Logf("load average at the end: %s", loadavg())
+	b.Logf("load average at the end: %s", realtest.LoadAverage())
 	a.noPeriodicPass(b)
 }
 
@@ -146,12 +147,4 @@ func hogs(b *testing.B, n int) {
 			_ = cmd.Wait()
 		})
 	}
-}
-
-func loadavg() string {
-	s, err := os.ReadFile("/proc/loadavg")
-	if err != nil {
-		return "unknown"
-	}
-	return string(s[:len(s)-1])
 }

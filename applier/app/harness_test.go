@@ -468,6 +468,31 @@ func (d *disk) rate(t testing.TB, m *measure) float64 {
 	return float64(ops-m.ops0) / time.Since(m.t0).Seconds()
 }
 
+// checkLimited checks a limited container's rate r, measured since m
+// started, against its limit: from 80 % of it up to tolerance over it. A
+// throttle never lets more through than its limit, but other work on the
+// host can take the disk from it: a rate below the band is logged and
+// measured once more, over measureFor; a rate above it fails at once, as
+// does a second below it. The last rate measured is returned.
+func (d *disk) checkLimited(t testing.TB, what string, m *measure, r, limit float64) float64 {
+	t.Helper()
+	dir := "read"
+	if !m.read {
+		dir = "write"
+	}
+	if r < 0.8*limit {
+		t.Logf("%s: %.1f %s IO/s, below the band of its limit %.0f (host contention, load %s); measuring once more", what, r, dir, limit, realtest.LoadAverage())
+		m = d.startMeasure(t, m.dir, m.read)
+		time.Sleep(measureFor)
+		r = d.rate(t, m)
+		t.Logf("%s: %.1f %s IO/s over %s", what, r, dir, measureFor)
+	}
+	if r > limit*tolerance || r < 0.8*limit {
+		t.Errorf("%s: %.1f %s IO/s, want %.0f..%.0f", what, r, dir, 0.8*limit, limit*tolerance)
+	}
+	return r
+}
+
 // kpod is a pod in the API and on the node.
 type kpod struct {
 	*corev1.Pod

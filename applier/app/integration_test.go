@@ -105,12 +105,8 @@ func testContainerdThrottle(t *testing.T, d *runtimetest.Containerd) {
 		time.Sleep(measureFor)
 		r, w, f := dk.rate(t, mr), dk.rate(t, mw), dk.rate(t, mf)
 		t.Logf("over %s: reader (read-iops=100) %.1f read IO/s, writer (write-iops=100) %.1f write IO/s, unlimited reader %.0f read IO/s", measureFor, r, w, f)
-		if r > 100*tolerance || r < 80 {
-			t.Errorf("reader: %.1f read IO/s, want 80..%.0f", r, 100*tolerance)
-		}
-		if w > 100*tolerance || w < 80 {
-			t.Errorf("writer: %.1f write IO/s, want 80..%.0f", w, 100*tolerance)
-		}
+		dk.checkLimited(t, "reader", mr, r, 100)
+		dk.checkLimited(t, "writer", mw, w, 100)
 		if f < 5*100 {
 			t.Errorf("unlimited reader: %.0f read IO/s, want at least 5× the limit (500)", f)
 		}
@@ -169,9 +165,7 @@ func testContainerdThrottle(t *testing.T, d *runtimetest.Containerd) {
 		time.Sleep(measureFor)
 		r := dk.rate(t, m)
 		t.Logf("reader at read-iops=200: %.1f read IO/s", r)
-		if r > 200*tolerance || r < 160 {
-			t.Errorf("reader: %.1f read IO/s, want 160..%.0f", r, 200*tolerance)
-		}
+		dk.checkLimited(t, "reader", m, r, 200)
 	})
 
 	t.Run("restart", func(t *testing.T) {
@@ -347,9 +341,7 @@ func TestDockerThrottle(t *testing.T) {
 	time.Sleep(measureFor)
 	r, f := dk.rate(t, mr), dk.rate(t, mf)
 	t.Logf("over %s: reader (read-iops=100) %.1f read IO/s, unlimited reader %.0f read IO/s", measureFor, r, f)
-	if r > 100*tolerance || r < 80 {
-		t.Errorf("reader: %.1f read IO/s, want 80..%.0f", r, 100*tolerance)
-	}
+	dk.checkLimited(t, "reader", mr, r, 100)
 	if f < 5*100 {
 		t.Errorf("unlimited reader: %.0f read IO/s, want ≥ 500", f)
 	}

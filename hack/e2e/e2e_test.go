@@ -402,7 +402,7 @@ func (e *env) measureLimited(ctx context.Context, t *testing.T, pod *corev1.Pod,
 	t.Helper()
 	r, err := e.nextRun(ctx, pod, container, since)
 	if err == nil && belowBand(r, read, write) {
-		t.Logf("%-28s read %7.1f IOPS  write %7.1f IOPS: below the limits' band (host contention, load %s); measuring the next run", what, r.ReadIOPS, r.WriteIOPS, loadAverage())
+		t.Logf("%-28s read %7.1f IOPS  write %7.1f IOPS: below the limits' band (host contention, load %s); measuring the next run", what, r.ReadIOPS, r.WriteIOPS, realtest.LoadAverage())
 		r, err = e.nextRun(ctx, pod, container, r.Start.Add(time.Millisecond))
 	}
 	if err != nil {
@@ -418,15 +418,6 @@ func belowBand(r kdg.FioRun, read, write int) bool {
 	below := func(got float64, limit int) bool { return got < (1-tolerance)*float64(limit) }
 	above := func(got float64, limit int) bool { return got > (1+tolerance)*float64(limit) }
 	return (below(r.ReadIOPS, read) || below(r.WriteIOPS, write)) && !above(r.ReadIOPS, read) && !above(r.WriteIOPS, write)
-}
-
-// loadAverage is the host's 1-minute load average, for logs.
-func loadAverage() string {
-	b, err := os.ReadFile("/proc/loadavg")
-	if err != nil {
-		return "unknown"
-	}
-	return strings.Fields(string(b))[0]
 }
 
 // checkRun logs a fio run's read and write IOPS and asserts that each is

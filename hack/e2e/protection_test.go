@@ -69,11 +69,11 @@ func (e *env) testProtection(t *testing.T) {
 		p := rs[2]
 		if !(p.P99 < rs[1].P99) && try == 1 {
 			// One more round on a noisy machine; a second miss fails.
-			t.Logf("victim p99 protected %s not below unprotected %s (load %s): one more round", p.P99, rs[1].P99, loadAverage())
+			t.Logf("victim p99 protected %s not below unprotected %s (load %s): one more round", p.P99, rs[1].P99, realtest.LoadAverage())
 			continue
 		}
 		if below := func(x float64) bool { return x < (1-tolerance)*protectLimit }; (below(p.AggressorReadIOPS) || below(p.AggressorWriteIOPS)) && try == 1 {
-			t.Logf("protected aggressor below the limit's band (host contention, load %s): one more round", loadAverage())
+			t.Logf("protected aggressor below the limit's band (host contention, load %s): one more round", realtest.LoadAverage())
 			continue
 		}
 		break
@@ -112,7 +112,7 @@ func BenchmarkProtection(b *testing.B) {
 		Settle: time.Duration(envInt(b, "KDG_PROTECT_SETTLE", 15)) * time.Second}
 	e.protection(ctx, b, s)
 	b.Logf("aggressor: %d fio jobs of 4 KiB randrw at iodepth %d, limit %d read + %d write IOPS when protected; victim: 4 KiB randread, iodepth 1, %d s per phase; %s pause after each unprotected phase; data disk %s (direct IO), load %s",
-		s.AggressorJobs, s.AggressorDepth, s.Limit, s.Limit, s.Seconds, s.Settle, e.c.Node.DataDisk(), loadAverage())
+		s.AggressorJobs, s.AggressorDepth, s.Limit, s.Limit, s.Seconds, s.Settle, e.c.Node.DataDisk(), realtest.LoadAverage())
 	b.ResetTimer()
 	rs, err := s.Rounds(ctx, rounds)
 	if err != nil {

@@ -7,6 +7,7 @@ package realtest
 import (
 	"fmt"
 	"os"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -89,4 +90,18 @@ func HostLock(t testing.TB) {
 		t.Logf("waited %s for other tests using the host's runtimes and cgroups", d.Round(time.Millisecond))
 	}
 	t.Cleanup(func() { f.Close() })
+}
+
+// LoadAverage is the host's 1-, 5- and 15-minute load averages, for the logs
+// of measurements that other work on the host can slow.
+func LoadAverage() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return "unknown"
+	}
+	f := strings.Fields(string(b))
+	if len(f) < 3 {
+		return "unknown"
+	}
+	return strings.Join(f[:3], " ")
 }

@@ -111,6 +111,7 @@ func (e *env) runChecks(t *testing.T) {
 	t.Run("WebhookDown", e.testWebhookDown)
 	t.Run("ApplierCrashLosesNothing", e.testApplierCrash)
 	t.Run("DataTotalIOPS", e.testDataTotalIOPS)
+	t.Run("BufferedWrites", e.testBufferedWrites)
 	t.Run("UnstampedPodReported", e.testUnstampedPod)
 	t.Run("ResetClearsEverything", e.testReset)
 }

@@ -215,20 +215,12 @@ type ioRate struct{ read, write float64 }
 // the start and the end of window.
 func (e *env) ioRates(ctx context.Context, t *testing.T, window time.Duration, dirs ...string) []ioRate {
 	t.Helper()
-	disk := e.c.Node.DataDisk()
 	read := func() ([]cgroup.IOStat, time.Time) {
 		t.Helper()
 		at := time.Now()
 		out := make([]cgroup.IOStat, len(dirs))
 		for i, dir := range dirs {
-			s, err := cgroup.StatsOf(e.c.Node.Layout().Cgroup, dir, func(name string) (string, error) {
-				b, err := e.c.Node.ReadFile(ctx, path.Join(dir, name))
-				return string(b), err
-			}, []device.Device{disk})
-			if err != nil {
-				t.Fatalf("IO counters of %s: %v", dir, err)
-			}
-			out[i] = s[disk]
+			out[i] = e.ioStat(ctx, t, dir)
 		}
 		return out, at
 	}
@@ -245,6 +237,21 @@ func (e *env) ioRates(ctx context.Context, t *testing.T, window time.Duration, d
 		out[i] = ioRate{read: float64(after[i].ReadIOs-before[i].ReadIOs) / secs, write: float64(after[i].WriteIOs-before[i].WriteIOs) / secs}
 	}
 	return out
+}
+
+// ioStat is the kernel's IO counters of the data disk in the cgroup at dir
+// on the node, its descendants included.
+func (e *env) ioStat(ctx context.Context, t *testing.T, dir string) cgroup.IOStat {
+	t.Helper()
+	disk := e.c.Node.DataDisk()
+	s, err := cgroup.StatsOf(e.c.Node.Layout().Cgroup, dir, func(name string) (string, error) {
+		b, err := e.c.Node.ReadFile(ctx, path.Join(dir, name))
+		return string(b), err
+	}, []device.Device{disk})
+	if err != nil {
+		t.Fatalf("IO counters of %s: %v", dir, err)
+	}
+	return s[disk]
 }
 
 // waitNodeCap waits until the kubepods cgroup's IOPS limits of the data disk

@@ -543,11 +543,15 @@ func (r *Reconciler) reconcileContainer(ctx context.Context, id string) error {
 	case changed && len(disk.Devices) == 0:
 		r.Log.Info("IO limits cleared from devices that are no longer the data disk", "pod", pod.Namespace+"/"+pod.Name, "container", t.c.Name, "devices", fmt.Sprint(retired), "cgroup", t.dir)
 	case changed:
+		kv := []any{"pod", pod.Namespace + "/" + pod.Name, "container", t.c.Name, "limits", want.String(), "devices", disk.String(), "cgroup", t.dir}
 		if timed {
-			r.Metrics.observeLatency(time.Since(since))
+			// The reaction: from the container's first start event.
+			d := time.Since(since)
+			r.Metrics.observeLatency(d)
+			kv = append(kv, "sinceStartEventMs", float64(d.Microseconds())/1000)
 		}
 		r.Metrics.appliedInc()
-		r.Log.Info("IO limits applied", "pod", pod.Namespace+"/"+pod.Name, "container", t.c.Name, "limits", want.String(), "devices", disk.String(), "cgroup", t.dir)
+		r.Log.Info("IO limits applied", kv...)
 		r.event(pod, corev1.EventTypeNormal, "IOLimitsApplied", "container %s: disk IO limits %s on %s", t.c.Name, want, disk)
 	}
 	return nil

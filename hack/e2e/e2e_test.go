@@ -23,6 +23,7 @@ import (
 	"os"
 	"path"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -373,6 +374,23 @@ func (e *env) testThrottle(t *testing.T) {
 		if w.read == 0 {
 			e.waitCgroup(ctx, t, w.pod, w.container, 0, 0)
 		}
+	}
+	// The limited ones got their limits after their start events (the
+	// periodic pass never runs: checkInterval), and the applier logs how
+	// long after: the reaction on this node kind.
+	applied := appliedLines(e.applierLog(ctx, t))
+	for _, w := range cases {
+		if w.read == 0 {
+			continue
+		}
+		i := slices.IndexFunc(applied, func(n notice) bool {
+			return n.Pod == w.pod.Namespace+"/"+w.pod.Name && n.Container == w.container && n.SinceStartEventMs != nil
+		})
+		if i < 0 {
+			t.Errorf("%s/%s %s: the applier logged no \"IO limits applied\" after a start event (sinceStartEventMs): its limits did not come from the event path", w.pod.Namespace, w.pod.Name, w.container)
+			continue
+		}
+		t.Logf("%s/%s %s: limits written %.1f ms after its start event", w.pod.Namespace, w.pod.Name, w.container, *applied[i].SinceStartEventMs)
 	}
 	maxLimit := float64(e.f.nsIOPS)
 	for _, w := range cases {

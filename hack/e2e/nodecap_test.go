@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"errors"
@@ -287,8 +286,11 @@ const v2Overshoot = 0.05
 
 // notice is a line of the applier's JSON log.
 type notice struct {
-	Msg           string `json:"msg"`
-	DataTotalIOPS uint64 `json:"dataTotalIOPS"`
+	Msg               string   `json:"msg"`
+	DataTotalIOPS     uint64   `json:"dataTotalIOPS"`
+	Pod               string   `json:"pod"` // namespace/name
+	Container         string   `json:"container"`
+	SinceStartEventMs *float64 `json:"sinceStartEventMs"` // IO limits applied after a start event
 }
 
 // v1Notice finds, in the applier's log, its start-up notice that on cgroup
@@ -300,18 +302,30 @@ func v1Notice(log string) (notice, bool) {
 // findLog finds the first line of the applier's JSON log whose message
 // holds all of words.
 func findLog(log string, words ...string) (notice, bool) {
-	sc := bufio.NewScanner(strings.NewReader(log))
-	sc.Buffer(make([]byte, 1<<20), 1<<20)
-	for sc.Scan() {
-		var n notice
-		if json.Unmarshal(sc.Bytes(), &n) != nil {
-			continue
-		}
+	for _, n := range logLines(log) {
 		if !slices.ContainsFunc(words, func(w string) bool { return !strings.Contains(n.Msg, w) }) {
 			return n, true
 		}
 	}
 	return notice{}, false
+}
+
+// logLines is the lines of the applier's JSON log, in order (lines that
+// are not JSON left out).
+func logLines(log string) []notice {
+	var out []notice
+	for _, l := range strings.Split(log, "\n") {
+		var n notice
+		if json.Unmarshal([]byte(l), &n) == nil {
+			out = append(out, n)
+		}
+	}
+	return out
+}
+
+// appliedLines is the "IO limits applied" lines of the applier's JSON log.
+func appliedLines(log string) []notice {
+	return slices.DeleteFunc(logLines(log), func(n notice) bool { return n.Msg != "IO limits applied" })
 }
 
 // applierLog is the running applier's log so far.

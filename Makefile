@@ -131,9 +131,9 @@ bench-policy: test-bins
 bench-applier: host-deps test-bins
 	$(GO) test -run '^$$' -bench 'Reaction$$|StartupReconcile' -benchtime 1x -v -timeout 30m ./applier/app/
 
-## bench-applier-load: the start window on a busy node: 500 starts with every core saturated by CPU hogs, then 500 in bursts of 20, on containerd 1.6 and 2.x (root; KDG_REACTION_STARTS)
+## bench-applier-load: the start window on a busy node: 500 starts with every core saturated by CPU hogs, then 500 in bursts of 20, on containerd 1.6 and 2.x (root; KDG_REACTION_STARTS; about 30 min here: some 10 min of starts and 5 of clean-up per containerd)
 bench-applier-load: host-deps test-bins
-	$(GO) test -run '^$$' -bench ReactionUnderLoad -benchtime 1x -v -timeout 60m ./applier/app/
+	$(GO) test -run '^$$' -bench ReactionUnderLoad -benchtime 1x -v -timeout 150m ./applier/app/
 
 ## bench-protection: the noisy neighbour: a victim pod's fio latency alone, next to an unlimited aggressor pod, and with the aggressor's namespace opted in live, alternated over 5 rounds on the real cluster; medians and ratios, the last two lines `victim p99 protected/alone X.XX` and `victim p99 unprotected/alone X.XX` (root; KDG_PROTECT_ROUNDS, KDG_PROTECT_SECONDS, KDG_PROTECT_LIMIT, KDG_PROTECT_JOBS, KDG_PROTECT_IODEPTH)
 bench-protection: host-deps test-bins build

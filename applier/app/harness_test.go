@@ -355,7 +355,11 @@ func newDisk(t testing.TB) *disk {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
+	t.Cleanup(func() {
+		if err := os.RemoveAll(dir); err != nil {
+			t.Errorf("removing the test's data dir: %v", err)
+		}
+	})
 	devs, err := (&device.Resolver{}).DataDevices(dir, "")
 	if err != nil {
 		t.Fatalf("the disk holding %s: %v", dir, err)

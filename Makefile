@@ -131,7 +131,7 @@ bench-policy: test-bins
 bench-applier: host-deps test-bins
 	$(GO) test -run '^$$' -bench 'Reaction$$|StartupReconcile' -benchtime 1x -v -timeout 30m ./applier/app/
 
-## bench-applier-load: the start window on a busy node: 500 starts with every core saturated by CPU hogs, then 500 in bursts of 20, on containerd 1.6 and 2.x (root; KDG_REACTION_STARTS; about 30 min here: some 10 min of starts and 5 of clean-up per containerd)
+## bench-applier-load: the start window on a busy node: 500 starts with every core saturated by CPU hogs, then 500 in bursts of 20, on containerd 1.6 and 2.x (root; KDG_REACTION_STARTS; about 35 min here: 14 min on containerd 2.4.2, 19 on 1.6, clean-up included)
 bench-applier-load: host-deps test-bins
 	$(GO) test -run '^$$' -bench ReactionUnderLoad -benchtime 1x -v -timeout 150m ./applier/app/
 

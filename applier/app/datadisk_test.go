@@ -18,6 +18,7 @@ import (
 	"github.com/kubediskguard/kubediskguard/hack/loopdisk"
 	"github.com/kubediskguard/kubediskguard/hack/runtimetest"
 	"github.com/kubediskguard/kubediskguard/shared/limits"
+	"github.com/kubediskguard/kubediskguard/shared/realtest"
 )
 
 func TestDataDiskMountedLater(t *testing.T) {
@@ -97,14 +98,24 @@ func TestDataDiskMountedLater(t *testing.T) {
 	if err := os.WriteFile(file, make([]byte, 200*4096), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	start := time.Now()
-	dd := exec.Command("sh", "-c", `echo $$ > "$1" && exec dd if="$2" of=/dev/null bs=4k count=200 iflag=direct status=none`, "sh",
-		filepath.Join(c.dir, "cgroup.procs"), file)
-	if out, err := dd.CombinedOutput(); err != nil {
-		t.Fatalf("%s: %v: %s", dd, err, out)
+	ddRate := func() float64 {
+		start := time.Now()
+		dd := exec.Command("sh", "-c", `echo $$ > "$1" && exec dd if="$2" of=/dev/null bs=4k count=200 iflag=direct status=none`, "sh",
+			filepath.Join(c.dir, "cgroup.procs"), file)
+		if out, err := dd.CombinedOutput(); err != nil {
+			t.Fatalf("%s: %v: %s", dd, err, out)
+		}
+		rate := 200 / time.Since(start).Seconds()
+		t.Logf("200 direct 4 KiB reads on %s from the container's cgroup: %.1f IO/s (limit 100)", first.Dev, rate)
+		return rate
 	}
-	rate := 200 / time.Since(start).Seconds()
-	t.Logf("200 direct 4 KiB reads on %s from the container's cgroup: %.1f IO/s (limit 100)", first.Dev, rate)
+	rate := ddRate()
+	if rate < 70 {
+		// Below the limit's band: the host's contention, not the limit
+		// (checkLimited's rule); above it fails at once.
+		t.Logf("below the band of the limit (load %s); reading once more", realtest.LoadAverage())
+		rate = ddRate()
+	}
 	if rate > 100*tolerance || rate < 70 {
 		t.Errorf("%.1f read IO/s on the loop disk, want about 100", rate)
 	}

@@ -107,12 +107,10 @@ func benchmarkReactionUnderLoad(b *testing.B, d *runtimetest.Containerd) {
 		b.ReportMetric(float64(slices.Max(ios)), what+"-max-IOs-before-limit")
 		b.ReportMetric(ms(percentile(took, .5)), what+"-p50-from-task-start-ms")
 		b.ReportMetric(ms(percentile(took, .99)), what+"-p99-from-task-start-ms")
-		line := fmt.Sprintf("%s, %d starts: %.1f%% with 0 IOs before the limit (max %d IOs); from /tasks/start: min %s p50 %s p90 %s p99 %s max %s (load %s)",
-			what, len(took), pct, slices.Max(ios), took[0], percentile(took, .5), percentile(took, .9), percentile(took, .99), took[len(took)-1], realtest.LoadAverage())
-		b.Log(line)
-		// At once too: b.Log prints when the benchmark ends, and a half
-		// takes many minutes; a run stopped early keeps what it measured.
-		fmt.Fprintf(os.Stderr, "%s: %s\n", b.Name(), line)
+		// At once, not with b.Log (printed when the benchmark ends): a half
+		// takes many minutes, and a run stopped early keeps what it measured.
+		fmt.Fprintf(os.Stderr, "%s: %s, %d starts: %.1f%% with 0 IOs before the limit (max %d IOs); from /tasks/start: min %s p50 %s p90 %s p99 %s max %s (load %s)\n",
+			b.Name(), what, len(took), pct, slices.Max(ios), took[0], percentile(took, .5), percentile(took, .9), percentile(took, .99), took[len(took)-1], realtest.LoadAverage())
 	}
 
 	b.ResetTimer()

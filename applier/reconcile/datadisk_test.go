@@ -58,13 +58,28 @@ func (f *fixture) eventuallyOn(dir string, dev device.Device, want limits.Limits
 	f.t.Fatalf("%s holds %v for %s (%v), want %v", dir, got[dev], dev, err, want)
 }
 
+// waitSynced waits for the first full reconcile to be done and its worker
+// off it: Synced is set inside the pass, the worker leaves the item just
+// after it returns.
 func (f *fixture) waitSynced() {
 	f.t.Helper()
-	for deadline := time.Now().Add(5 * time.Second); !f.r.Synced(); time.Sleep(time.Millisecond) {
+	for deadline := time.Now().Add(5 * time.Second); !f.r.Synced() || f.onFullPass(); time.Sleep(time.Millisecond) {
 		if time.Now().After(deadline) {
 			f.t.Fatal("no full reconcile within 5s")
 		}
 	}
+}
+
+// onFullPass reports whether a worker is on a full reconcile.
+func (f *fixture) onFullPass() bool {
+	f.r.progress.mu.Lock()
+	defer f.r.progress.mu.Unlock()
+	for _, it := range f.r.progress.busy {
+		if it.key == fullKey {
+			return true
+		}
+	}
+	return false
 }
 
 func TestDataDiskChanges(t *testing.T) {

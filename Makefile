@@ -88,11 +88,17 @@ v2node: test-bins
 	$(GO) run ./hack/cluster/cmd v2-image
 
 ## test: every test, real components included (CI=true: nothing may skip),
-## then TestE2E (the noisy neighbour and every end-to-end check on the built
-## binaries, ~19 min) on the cgroup v2 node, unless NODE=v2 ran it there already
+## then, with nothing else running, what boots the emulated cgroup v2 node:
+## TestV2NodeUpSmokeDown (~3 min) and TestE2E (the noisy neighbour and every
+## end-to-end check on the built binaries, ~15 min) on it, unless NODE=v2 ran
+## it there already. Under emulation the node needs both cores: beside go
+## test's other packages and builds its apiserver stopped answering (CI,
+## 2026-12-03 and 2026-12-04, with the host lock held)
 test: host-deps test-bins vm-kernel v2node build lint
-	$(GO) test $(GOTEST_FLAGS) ./...
+	$(GO) test $(GOTEST_FLAGS) -skip '^$(V2_SMOKE)$$' ./...
+	$(GO) test $(GOTEST_FLAGS) -run '^$(V2_SMOKE)$$' -v ./hack/cluster/
 	$(if $(filter v2,$(NODE)),,$(E2E_V2))
+V2_SMOKE = TestV2NodeUpSmokeDown
 E2E_V2 = KDG_NODE=v2 $(GO) test $(GOTEST_FLAGS) -run '^TestE2E$$' -v ./hack/e2e/
 
 ## test-e2e-v2: on the cgroup v2 node, TestE2E and of TestDeployment what the

@@ -31,8 +31,12 @@ import (
 // cgroups, but it takes the host lock for the host's cores: beside the
 // host cluster tests of other packages (go test ./... runs them at once)
 // the emulated node starved, its apiserver timing out TLS handshakes (CI,
-// 2026-12-03), wait after wait. Under CI=true a missing qemu, kernel or
-// binary fails the test.
+// 2026-12-03), wait after wait. The lock was not enough: beside the other
+// packages' builds and lock-free tests the same wait failed again (CI,
+// 2026-12-04: three minutes of TLS handshake timeouts, the guest agent
+// silent too), so make test skips it in go test ./... and runs it on its
+// own afterwards, as it does the v2 node's TestE2E. Under CI=true a
+// missing qemu, kernel or binary fails the test.
 func TestV2NodeUpSmokeDown(t *testing.T) {
 	if testing.Short() {
 		t.Skip("boots a VM; not with -short")

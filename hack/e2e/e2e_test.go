@@ -484,8 +484,11 @@ func (e *env) waitCgroupBy(ctx context.Context, t *testing.T, deadline time.Time
 		if lerr != nil {
 			log = lerr.Error()
 		}
-		t.Fatalf("%s/%s %s: cgroup %s limits %s, want read-iops=%d write-iops=%d on the data disk %s only (0: none) by %s; the applier's log ends:\n%s",
-			pod.Namespace, pod.Name, container, dir, got, read, write, e.c.Node.DataDisk(), deadline.Format(time.TimeOnly), tail(log, 15))
+		// The log first: the failure's own line last, where a cut output
+		// keeps it.
+		t.Logf("the applier's log ends:\n%s", tail(log, 15))
+		t.Fatalf("%s/%s %s: cgroup %s limits %s, want read-iops=%d write-iops=%d on the data disk %s only (0: none) by %s (%v)",
+			pod.Namespace, pod.Name, container, dir, got, read, write, e.c.Node.DataDisk(), deadline.Format(time.TimeOnly), err)
 	}
 	return time.Now()
 }

@@ -25,7 +25,6 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -238,21 +237,24 @@ func (e *env) restoreApplier(t *testing.T) {
 	}
 }
 
-// deletePods, for t.Cleanup, deletes pods and waits until the node has
-// stopped them (cluster.DeletePod), so that the next check starts on a
-// node that is not still tearing them down.
+// deletePods, for t.Cleanup, deletes pods one at a time, each waited for
+// until the node has stopped it (cluster.DeletePod), so that the next check
+// starts on a node that is not still tearing them down. One at a time: on
+// the emulated v2 node, four pods torn down at once starved containerd's
+// shims (StopContainer past the kubelet's 2 min deadline, one pod still
+// there after 3 min; CI 2026-12-04), so their teardowns do not compete.
 func (e *env) deletePods(t *testing.T, pods ...*corev1.Pod) {
-	ctx, cancel := context.WithTimeout(context.Background(), e.c.PodTimeout())
-	defer cancel()
-	var wg sync.WaitGroup
+	start := time.Now()
 	for _, p := range pods {
-		wg.Go(func() {
-			if err := e.c.DeletePod(ctx, p.Namespace, p.Name); err != nil {
-				t.Errorf("deleting %s/%s: %v", p.Namespace, p.Name, err)
-			}
-		})
+		ctx, cancel := context.WithTimeout(context.Background(), e.c.PodTimeout())
+		if err := e.c.DeletePod(ctx, p.Namespace, p.Name); err != nil {
+			t.Errorf("deleting %s/%s: %v", p.Namespace, p.Name, err)
+		}
+		cancel()
 	}
-	wg.Wait()
+	if len(pods) > 1 {
+		t.Logf("%d pods deleted, one at a time, in %s", len(pods), time.Since(start).Round(time.Millisecond))
+	}
 }
 
 // pod gets a pod an earlier test made.

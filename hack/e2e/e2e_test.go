@@ -116,13 +116,14 @@ func (e *env) runChecks(t *testing.T) {
 	// do IO. On the emulated v2 node every IO is paid by the VM's two vCPUs:
 	// with the loops running, its pods took 50–90 s to start and about a
 	// minute each to be deleted (CI 2026-12-04).
-	e.pauseFio(t, types.NamespacedName{Namespace: optedIn, Name: "limited"}, types.NamespacedName{Namespace: notOptedIn, Name: "free"})
+	stayedPaused := e.pauseFio(t, types.NamespacedName{Namespace: optedIn, Name: "limited"}, types.NamespacedName{Namespace: notOptedIn, Name: "free"})
 	t.Run("PolicyReachesRunningPods", e.testPolicyReachesRunningPods)
 	t.Run("WebhookDown", e.testWebhookDown)
 	t.Run("ApplierCrashLosesNothing", e.testApplierCrash)
 	t.Run("BufferedWrites", e.testBufferedWrites)
 	t.Run("UnstampedPodReported", e.testUnstampedPod)
 	t.Run("ResetClearsEverything", e.testReset)
+	stayedPaused(t)
 }
 
 func setUp(t testing.TB) *env {
@@ -316,13 +317,19 @@ func fioWriteFile(ns, name, c string) string { return fmt.Sprintf("write-%s-%s-%
 func fioPauseFile(writeFile string) string { return writeFile + ".pause" }
 
 // pauseFio stops the fio loops of the named pods' containers (a run under
-// way ends at its runtime) by writing their pause files on the node. A pod
-// that is not there (a -run that skipped the check making it) has nothing
-// to stop.
-func (e *env) pauseFio(t *testing.T, pods ...types.NamespacedName) {
+// way ends at its runtime) by writing their pause files on the node, and
+// returns the check, for later, that they stayed stopped: at most the run
+// under way was logged after the pause. A pod that is not there (a -run
+// that skipped the check making it) has nothing to stop.
+func (e *env) pauseFio(t *testing.T, pods ...types.NamespacedName) (stayedPaused func(*testing.T)) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), e.f.slowed(time.Minute))
 	defer cancel()
+	type loop struct {
+		pod       *corev1.Pod
+		container string
+	}
+	var loops []loop
 	var files []string
 	for _, n := range pods {
 		p, err := e.c.Client.CoreV1().Pods(n.Namespace).Get(ctx, n.Name, metav1.GetOptions{})
@@ -333,16 +340,41 @@ func (e *env) pauseFio(t *testing.T, pods ...types.NamespacedName) {
 			t.Fatalf("pausing the fio loops of %s: %v", n, err)
 		}
 		for _, c := range p.Spec.Containers {
+			loops = append(loops, loop{p, c.Name})
 			files = append(files, e.data(fioPauseFile(fioWriteFile(p.Namespace, p.Name, c.Name))))
 		}
 	}
 	if len(files) == 0 {
-		return
+		return func(*testing.T) {}
 	}
 	if out, err := e.c.Node.Run(ctx, "touch", files...); err != nil {
 		t.Fatalf("pausing fio loops: touch %v on the node: %v: %s", files, err, out)
 	}
+	before := make([]int, len(loops))
+	for i, l := range loops {
+		runs, err := kdg.FioRuns(ctx, e.c.Client, l.pod, l.container)
+		if err != nil {
+			t.Fatalf("pausing fio loops: %v", err)
+		}
+		before[i] = len(runs)
+	}
 	t.Logf("fio loops paused: %d containers of %v", len(files), pods)
+	return func(t *testing.T) {
+		t.Helper()
+		ctx, cancel := context.WithTimeout(context.Background(), e.f.slowed(time.Minute))
+		defer cancel()
+		for i, l := range loops {
+			runs, err := kdg.FioRuns(ctx, e.c.Client, l.pod, l.container)
+			if err != nil {
+				t.Errorf("fio loops paused: %v", err)
+				continue
+			}
+			if len(runs) > before[i]+1 {
+				t.Errorf("%s/%s %s logged %d fio runs since its loop was paused (%d before), want at most the one under way: its pause file does not stop it",
+					l.pod.Namespace, l.pod.Name, l.container, len(runs)-before[i], before[i])
+			}
+		}
+	}
 }
 
 // fioPod is a pod of fioContainers on the data disk, their write files

@@ -326,6 +326,21 @@ func IOLimits(ctx context.Context, n Node, dir string) (map[device.Device]limits
 	return ParseIOLimits(l, files)
 }
 
+// DataDiskIOStat is the IO counters of the cgroup directory dir on the
+// node (its descendants included) for the node's data disk, whatever the
+// layout (cgroup.StatsOf).
+func DataDiskIOStat(ctx context.Context, n Node, dir string) (cgroup.IOStat, error) {
+	disk := n.DataDisk()
+	s, err := cgroup.StatsOf(n.Layout().Cgroup, dir, func(name string) (string, error) {
+		b, err := n.ReadFile(ctx, path.Join(dir, name))
+		return string(b), err
+	}, []device.Device{disk})
+	if err != nil {
+		return cgroup.IOStat{}, err
+	}
+	return s[disk], nil
+}
+
 // ParseIOLimits is IOLimits on the contents of the layout's limit files
 // (by file name).
 func ParseIOLimits(l Layout, files map[string]string) (map[device.Device]limits.Limits, error) {

@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"path"
 	"slices"
 	"strings"
 	"testing"
@@ -14,7 +13,6 @@ import (
 	corev1 "k8s.io/api/core/v1"
 
 	"github.com/kubediskguard/kubediskguard/applier/cgroup"
-	"github.com/kubediskguard/kubediskguard/applier/device"
 	"github.com/kubediskguard/kubediskguard/hack/cluster"
 )
 
@@ -242,21 +240,17 @@ func (e *env) ioRates(ctx context.Context, t *testing.T, window time.Duration, d
 // on the node, its descendants included.
 func (e *env) ioStat(ctx context.Context, t *testing.T, dir string) cgroup.IOStat {
 	t.Helper()
-	disk := e.c.Node.DataDisk()
-	s, err := cgroup.StatsOf(e.c.Node.Layout().Cgroup, dir, func(name string) (string, error) {
-		b, err := e.c.Node.ReadFile(ctx, path.Join(dir, name))
-		return string(b), err
-	}, []device.Device{disk})
+	s, err := cluster.DataDiskIOStat(ctx, e.c.Node, dir)
 	if err != nil {
 		t.Fatalf("IO counters of %s: %v", dir, err)
 	}
-	return s[disk]
+	return s
 }
 
 // waitNodeCap waits until the kubepods cgroup's IOPS limits of the data disk
 // are iops for read and write (0: no IOPS limit on it), 5 s at most, and
 // returns when it saw them.
-func (e *env) waitNodeCap(ctx context.Context, t *testing.T, iops uint64) time.Time {
+func (e *env) waitNodeCap(ctx context.Context, t testing.TB, iops uint64) time.Time {
 	t.Helper()
 	disk := e.c.Node.DataDisk()
 	kubepods := e.c.Node.Layout().KubepodsCgroup()

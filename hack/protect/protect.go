@@ -34,10 +34,17 @@ const (
 	Alone       Phase = "alone"       // the victim on its own
 	Unprotected Phase = "unprotected" // with the aggressor unlimited
 	Protected   Phase = "protected"   // with the aggressor at Setup.Limit
+	// Capped: with the aggressors unlimited (their namespace not opted in)
+	// and the node's cap on all pods together, DATA_TOTAL_IOPS, at
+	// Setup.TotalIOPS (Setup.SetTotal).
+	Capped Phase = "capped"
 )
 
-// Phases in the order a round runs them.
+// Phases in the order a round runs them unless Setup.Phases says otherwise.
 var Phases = []Phase{Alone, Unprotected, Protected}
+
+// allPhases is every phase, in the order tables and charts show them.
+var allPhases = []Phase{Alone, Unprotected, Protected, Capped}
 
 // Setup is the two pods and how hard the aggressor pushes.
 type Setup struct {
@@ -50,7 +57,21 @@ type Setup struct {
 	AggressorJobs         int // fio jobs of the aggressor (default 4)
 	AggressorDepth        int // their iodepth (default 32)
 	VictimMiB             int // the victim's file (default 256)
-	AggressorMiB          int // the aggressor's file (default 512)
+	AggressorMiB          int // each aggressor's file (default 512)
+	// Aggressors is how many aggressor pods (default 1), all in
+	// AggressorNS; their fio figures are summed.
+	Aggressors int
+	// Phases a round runs (default Phases). Capped needs TotalIOPS and
+	// SetTotal: SetTotal(ctx, n) sets the node's DATA_TOTAL_IOPS to n (0:
+	// off) and returns once the kubepods cgroup holds it; it is set for the
+	// Capped phase only.
+	Phases    []Phase
+	TotalIOPS int
+	SetTotal  func(ctx context.Context, iops int) error
+	// NodeVictim: a second victim beside the pod's in every phase, the
+	// same reads by fio run on the node outside any pod, as the node's own
+	// IO (the kubelet's, the runtime's, the system's) would be.
+	NodeVictim bool
 	// Settle is a pause after each unprotected phase: the unlimited
 	// aggressor's gigabytes of writes keep the host's disk busy for a while
 	// after it stopped (measured: the next phase's victim p99 several
@@ -59,19 +80,29 @@ type Setup struct {
 	Settle time.Duration
 	Log    func(format string, args ...any)
 
-	victim, aggressor *corev1.Pod
+	victim     *corev1.Pod
+	aggressors []*corev1.Pod
+	totalOn    bool // SetTotal(TotalIOPS) is in force
 }
 
 // Result is one phase's measurement.
 type Result struct {
 	Phase Phase
+	Round int // from 1
 	// The victim: 4 KiB random reads, O_DIRECT, iodepth 1.
 	VictimIOPS          float64
 	P50, P99, P999      time.Duration // completion latency
-	AggressorReadIOPS   float64       // 0 when alone
+	AggressorReadIOPS   float64       // 0 when alone; the sum over Setup.Aggressors
 	AggressorWriteIOPS  float64
-	AggressorLimitRead  uint64 // the aggressor's cgroup limits during the phase (0: none)
+	AggressorLimitRead  uint64 // each aggressor's cgroup limits during the phase (0: none)
 	AggressorLimitWrite uint64
+	TotalIOPS           int // the node's cap on all pods during the phase (0: none)
+	// All pods together on the data disk as the kernel counted them (the
+	// kubepods cgroup's counters) from the victim's fio started to done.
+	PodsReadIOPS, PodsWriteIOPS float64
+	// The node victim (Setup.NodeVictim; 0 without it).
+	NodeIOPS                   float64
+	NodeP50, NodeP99, NodeP999 time.Duration
 }
 
 func (s *Setup) logf(format string, args ...any) {
@@ -92,25 +123,52 @@ func (s *Setup) defaults() {
 	def(&s.AggressorDepth, 32)
 	def(&s.VictimMiB, 256)
 	def(&s.AggressorMiB, 512)
+	def(&s.Aggressors, 1)
+	if len(s.Phases) == 0 {
+		s.Phases = Phases
+	}
 }
 
+// aggressorName is the ith aggressor's pod name (from 0): aggressor,
+// aggressor-2, …; its fio file is named after it.
+func aggressorName(i int) string {
+	if i == 0 {
+		return "aggressor"
+	}
+	return fmt.Sprintf("aggressor-%d", i+1)
+}
+
+func aggressorFile(i int) string { return "protect-" + aggressorName(i) + ".dat" }
+
 const (
-	victimFile    = "protect-victim.dat"
-	aggressorFile = "protect-aggressor.dat"
-	container     = "main"
+	victimFile     = "protect-victim.dat"
+	nodeVictimFile = "protect-node-victim.dat"
+	container      = "main"
 )
 
-// Prepare makes the namespaces (the aggressor's with its default limit,
+// files is every fio file on the data disk and its size in MiB.
+func (s *Setup) files() map[string]int {
+	fs := map[string]int{victimFile: s.VictimMiB}
+	if s.NodeVictim {
+		fs[nodeVictimFile] = s.VictimMiB
+	}
+	for i := range s.Aggressors {
+		fs[aggressorFile(i)] = s.AggressorMiB
+	}
+	return fs
+}
+
+// Prepare makes the namespaces (the aggressors' with its default limit,
 // not opted in), writes the fio files on the data disk from outside any
-// throttled cgroup, and starts the two pods (sleeping; fio runs by exec).
+// throttled cgroup, and starts the pods (sleeping; fio runs by exec).
 func (s *Setup) Prepare(ctx context.Context) error {
 	s.defaults()
+	if slices.Contains(s.Phases, Capped) && (s.TotalIOPS <= 0 || s.SetTotal == nil) {
+		return errors.New("the capped phase needs TotalIOPS and SetTotal")
+	}
 	n := s.C.Node
-	for _, f := range []struct {
-		name string
-		mib  int
-	}{{victimFile, s.VictimMiB}, {aggressorFile, s.AggressorMiB}} {
-		if err := cluster.WriteDataFile(ctx, n, n.DataDir()+"/"+f.name, f.mib); err != nil {
+	for name, mib := range s.files() {
+		if err := cluster.WriteDataFile(ctx, n, n.DataDir()+"/"+name, mib); err != nil {
 			return err
 		}
 	}
@@ -127,8 +185,14 @@ func (s *Setup) Prepare(ctx context.Context) error {
 	if s.victim, err = s.startPod(ctx, s.VictimNS, "victim"); err != nil {
 		return err
 	}
-	s.aggressor, err = s.startPod(ctx, s.AggressorNS, "aggressor")
-	return err
+	for i := range s.Aggressors {
+		p, err := s.startPod(ctx, s.AggressorNS, aggressorName(i))
+		if err != nil {
+			return err
+		}
+		s.aggressors = append(s.aggressors, p)
+	}
+	return nil
 }
 
 func (s *Setup) startPod(ctx context.Context, ns, name string) (*corev1.Pod, error) {
@@ -152,29 +216,56 @@ func (s *Setup) startPod(ctx context.Context, ns, name string) (*corev1.Pod, err
 	return s.C.WaitRunning(ctx, ns, name, s.C.PodTimeout())
 }
 
-// Cleanup deletes the two namespaces (and so the pods) and the fio files.
+// Cleanup deletes the two namespaces (and so the pods) and the fio files,
+// and turns the node's cap off if the capped phase left it on.
 func (s *Setup) Cleanup(ctx context.Context) error {
 	var errs []error
+	if s.totalOn {
+		if err := s.setTotal(ctx, false); err != nil {
+			errs = append(errs, fmt.Errorf("turning DATA_TOTAL_IOPS off: %w", err))
+		}
+	}
 	for _, ns := range []string{s.VictimNS, s.AggressorNS} {
 		if _, err := s.C.Kubectl(ctx, "delete", "namespace", ns, "--ignore-not-found", "--wait=false"); err != nil {
 			errs = append(errs, err)
 		}
 	}
-	for _, ns := range []string{s.VictimNS, s.AggressorNS} {
-		zero := int64(0)
-		for _, name := range []string{"victim", "aggressor"} {
-			s.C.Client.CoreV1().Pods(ns).Delete(ctx, name, metav1.DeleteOptions{GracePeriodSeconds: &zero})
-		}
+	zero := int64(0)
+	s.C.Client.CoreV1().Pods(s.VictimNS).Delete(ctx, "victim", metav1.DeleteOptions{GracePeriodSeconds: &zero})
+	for i := range max(s.Aggressors, 1) {
+		s.C.Client.CoreV1().Pods(s.AggressorNS).Delete(ctx, aggressorName(i), metav1.DeleteOptions{GracePeriodSeconds: &zero})
 	}
 	n := s.C.Node
-	if _, err := n.Run(ctx, "rm", "-f", n.DataDir()+"/"+victimFile, n.DataDir()+"/"+aggressorFile); err != nil {
+	rm := []string{"-f"}
+	for name := range s.files() {
+		rm = append(rm, n.DataDir()+"/"+name)
+	}
+	if _, err := n.Run(ctx, "rm", rm...); err != nil {
 		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
 }
 
-// protect opts the aggressor's namespace in (on) or out and waits until
-// the running aggressor container's cgroup holds Limit (or no limit).
+// setTotal turns the node's cap on (TotalIOPS) or off, if it is not so.
+func (s *Setup) setTotal(ctx context.Context, on bool) error {
+	if s.SetTotal == nil || on == s.totalOn {
+		return nil
+	}
+	n := 0
+	if on {
+		n = s.TotalIOPS
+	}
+	start := time.Now()
+	if err := s.SetTotal(ctx, n); err != nil {
+		return err
+	}
+	s.totalOn = on
+	s.logf("DATA_TOTAL_IOPS=%d on the node in %s", n, time.Since(start).Round(time.Millisecond))
+	return nil
+}
+
+// protect opts the aggressors' namespace in (on) or out and waits until
+// every running aggressor container's cgroup holds Limit (or no limit).
 func (s *Setup) protect(ctx context.Context, on bool) error {
 	label := limits.EnabledLabel + "-"
 	want := uint64(0)
@@ -185,34 +276,43 @@ func (s *Setup) protect(ctx context.Context, on bool) error {
 	if _, err := s.C.Kubectl(ctx, "label", "--overwrite", "namespace", s.AggressorNS, label); err != nil {
 		return err
 	}
-	dir, err := s.C.ContainerCgroup(s.aggressor, container)
-	if err != nil {
-		return err
-	}
 	disk := s.C.Node.DataDisk()
 	var got string
-	if err := cluster.Poll(ctx, "the aggressor's cgroup limits", 100*time.Millisecond, 30*time.Second, func() error {
-		l, err := cluster.IOLimits(ctx, s.C.Node, dir)
+	for _, p := range s.aggressors {
+		dir, err := s.C.ContainerCgroup(p, container)
 		if err != nil {
 			return err
 		}
-		got = cluster.FormatIOLimits(l)
-		if d := l[disk]; d.ReadIOPS != want || d.WriteIOPS != want {
-			return fmt.Errorf("limits %s, want read and write IOPS %d on %s", got, want, disk)
+		if err := cluster.Poll(ctx, "the cgroup limits of "+p.Name, 100*time.Millisecond, 30*time.Second, func() error {
+			l, err := cluster.IOLimits(ctx, s.C.Node, dir)
+			if err != nil {
+				return err
+			}
+			got = cluster.FormatIOLimits(l)
+			if d := l[disk]; d.ReadIOPS != want || d.WriteIOPS != want {
+				return fmt.Errorf("limits %s, want read and write IOPS %d on %s", got, want, disk)
+			}
+			return nil
+		}); err != nil {
+			return err
 		}
-		return nil
-	}); err != nil {
-		return err
 	}
-	s.logf("aggressor's namespace %s: %s → its running container's cgroup %s in %s", s.AggressorNS, label, got, time.Since(start).Round(time.Millisecond))
+	s.logf("aggressors' namespace %s: %s → their running containers' cgroups %s in %s", s.AggressorNS, label, got, time.Since(start).Round(time.Millisecond))
 	return nil
 }
 
-// Run measures one phase: the aggressor's namespace opted in (Protected)
-// or out, the aggressor's fio started (not when Alone), after a second the
-// victim's fio for Seconds, then the aggressor's result.
+// Run measures one phase: the node's cap on for Capped only, the
+// aggressors' namespace opted in (Protected) or out, the aggressors' fio
+// started (not when Alone), after a second the victim's fio (and the node
+// victim's beside it) for Seconds, then the aggressors' results.
 func (s *Setup) Run(ctx context.Context, ph Phase) (Result, error) {
 	r := Result{Phase: ph}
+	if err := s.setTotal(ctx, ph == Capped); err != nil {
+		return r, err
+	}
+	if ph == Capped {
+		r.TotalIOPS = s.TotalIOPS
+	}
 	if ph != Alone {
 		if err := s.protect(ctx, ph == Protected); err != nil {
 			return r, err
@@ -225,76 +325,140 @@ func (s *Setup) Run(ctx context.Context, ph Phase) (Result, error) {
 		j   kdg.FioResult
 		err error
 	}
-	agg := make(chan out, 1)
+	var aggs []chan out
 	if ph != Alone {
-		go func() {
-			j, err := s.fio(ctx, s.aggressor, fmt.Sprintf(
-				"--name=aggressor --filename=/data/%s --size=%dM --rw=randrw --bs=4k --direct=1 --ioengine=libaio --iodepth=%d --numjobs=%d --group_reporting --runtime=%d --time_based",
-				aggressorFile, s.AggressorMiB, s.AggressorDepth, s.AggressorJobs, s.Seconds+2))
-			agg <- out{j, err}
-		}()
+		for i, p := range s.aggressors {
+			c := make(chan out, 1)
+			aggs = append(aggs, c)
+			go func() {
+				j, err := s.fio(ctx, p, fmt.Sprintf(
+					"--name=aggressor --filename=/data/%s --size=%dM --rw=randrw --bs=4k --direct=1 --ioengine=libaio --iodepth=%d --numjobs=%d --group_reporting --runtime=%d --time_based",
+					aggressorFile(i), s.AggressorMiB, s.AggressorDepth, s.AggressorJobs, s.Seconds+2))
+				c <- out{j, err}
+			}()
+		}
 		select {
 		case <-time.After(time.Second):
 		case <-ctx.Done():
 			return r, ctx.Err()
 		}
 	}
-	v, err := s.fio(ctx, s.victim, fmt.Sprintf(
-		"--name=victim --filename=/data/%s --size=%dM --rw=randread --bs=4k --direct=1 --ioengine=psync --iodepth=1 --runtime=%d --time_based",
-		victimFile, s.VictimMiB, s.Seconds))
-	if ph != Alone {
-		a := <-agg
-		if err == nil {
-			err = a.err
-		}
-		if err == nil {
-			r.AggressorReadIOPS, r.AggressorWriteIOPS = a.j.Jobs[0].Read.IOPS, a.j.Jobs[0].Write.IOPS
-		}
+	victim := func(file string) string {
+		return fmt.Sprintf("--name=victim --filename=%s --size=%dM --rw=randread --bs=4k --direct=1 --ioengine=psync --iodepth=1 --runtime=%d --time_based",
+			file, s.VictimMiB, s.Seconds)
 	}
+	node := make(chan out, 1)
+	if s.NodeVictim {
+		go func() {
+			j, err := s.nodeFio(ctx, victim(s.C.Node.DataDir()+"/"+nodeVictimFile))
+			node <- out{j, err}
+		}()
+	}
+	kubepods := s.C.Node.Layout().KubepodsCgroup()
+	before, err := cluster.DataDiskIOStat(ctx, s.C.Node, kubepods)
 	if err != nil {
 		return r, err
 	}
-	rd := v.Jobs[0].Read
-	r.VictimIOPS = rd.IOPS
-	pct := func(p string) time.Duration { return time.Duration(rd.Clat.Percentile[p]) }
-	r.P50, r.P99, r.P999 = pct("50.000000"), pct("99.000000"), pct("99.900000")
-	if r.P99 == 0 {
-		return r, fmt.Errorf("victim's fio reported no p99 completion latency (%d reads)", rd.TotalIOs)
+	from := time.Now()
+	v, err := s.fio(ctx, s.victim, victim("/data/"+victimFile))
+	var errs []error
+	if err != nil {
+		errs = append(errs, err)
 	}
-	s.logf("%-11s victim %6.0f IOPS  p50 %8s  p99 %8s  p99.9 %8s   aggressor read %7.0f write %7.0f IOPS",
-		ph, r.VictimIOPS, us(r.P50), us(r.P99), us(r.P999), r.AggressorReadIOPS, r.AggressorWriteIOPS)
+	if after, err := cluster.DataDiskIOStat(ctx, s.C.Node, kubepods); err != nil {
+		errs = append(errs, err)
+	} else {
+		secs := time.Since(from).Seconds()
+		r.PodsReadIOPS, r.PodsWriteIOPS = float64(after.ReadIOs-before.ReadIOs)/secs, float64(after.WriteIOs-before.WriteIOs)/secs
+	}
+	for _, c := range aggs {
+		a := <-c
+		if a.err != nil {
+			errs = append(errs, a.err)
+			continue
+		}
+		r.AggressorReadIOPS += a.j.Jobs[0].Read.IOPS
+		r.AggressorWriteIOPS += a.j.Jobs[0].Write.IOPS
+	}
+	if s.NodeVictim {
+		n := <-node
+		if n.err != nil {
+			errs = append(errs, n.err)
+		} else if r.NodeIOPS, r.NodeP50, r.NodeP99, r.NodeP999, err = latency(n.j, "node victim"); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return r, err
+	}
+	if r.VictimIOPS, r.P50, r.P99, r.P999, err = latency(v, "victim"); err != nil {
+		return r, err
+	}
+	nodeLog := ""
+	if s.NodeVictim {
+		nodeLog = fmt.Sprintf("   node victim %6.0f IOPS  p99 %8s", r.NodeIOPS, us(r.NodeP99))
+	}
+	s.logf("%-11s victim %6.0f IOPS  p50 %8s  p99 %8s  p99.9 %8s   aggressors read %7.0f write %7.0f IOPS   all pods (%s) read %7.0f write %7.0f IOPS%s",
+		ph, r.VictimIOPS, us(r.P50), us(r.P99), us(r.P999), r.AggressorReadIOPS, r.AggressorWriteIOPS, kubepods, r.PodsReadIOPS, r.PodsWriteIOPS, nodeLog)
 	return r, nil
+}
+
+// latency is a victim's read IOPS and completion-latency percentiles.
+func latency(j kdg.FioResult, who string) (iops float64, p50, p99, p999 time.Duration, err error) {
+	rd := j.Jobs[0].Read
+	pct := func(p string) time.Duration { return time.Duration(rd.Clat.Percentile[p]) }
+	p50, p99, p999 = pct("50.000000"), pct("99.000000"), pct("99.900000")
+	if p99 == 0 {
+		return 0, 0, 0, 0, fmt.Errorf("%s's fio reported no p99 completion latency (%d reads)", who, rd.TotalIOs)
+	}
+	return rd.IOPS, p50, p99, p999, nil
 }
 
 // fio runs fio in the pod's container with args, its JSON result written
 // inside the pod and printed once it is done (its warnings go elsewhere).
 func (s *Setup) fio(ctx context.Context, pod *corev1.Pod, args string) (kdg.FioResult, error) {
-	script := "/usr/bin/fio " + args + " --output-format=json --output=/tmp/fio.json >/tmp/fio.log 2>&1 || { cat /tmp/fio.log; exit 1; }; cat /tmp/fio.json"
-	out, err := s.C.Kubectl(ctx, "exec", "-n", pod.Namespace, pod.Name, "-c", container, "--", "sh", "-c", script)
+	out, err := s.C.Kubectl(ctx, "exec", "-n", pod.Namespace, pod.Name, "-c", container, "--", "sh", "-c", fioScript("/usr/bin/fio", args))
+	return parseFio(out, err, pod.Namespace+"/"+pod.Name)
+}
+
+// nodeFio runs fio with args on the node itself, outside any pod.
+func (s *Setup) nodeFio(ctx context.Context, args string) (kdg.FioResult, error) {
+	out, err := s.C.Node.Run(ctx, "sh", "-c", fioScript("fio", args))
+	return parseFio(out, err, "the node")
+}
+
+// fioScript runs fio with its JSON result in a directory of its own,
+// printed once fio is done (its warnings go elsewhere).
+func fioScript(fio, args string) string {
+	return `d=$(mktemp -d) && ` + fio + " " + args + ` --output-format=json --output=$d/fio.json >$d/fio.log 2>&1 || { cat $d/fio.log; rm -rf $d; exit 1; }; cat $d/fio.json; rm -rf $d`
+}
+
+func parseFio(out []byte, err error, where string) (kdg.FioResult, error) {
 	if err != nil {
-		return kdg.FioResult{}, fmt.Errorf("fio in %s/%s: %w", pod.Namespace, pod.Name, err)
+		return kdg.FioResult{}, fmt.Errorf("fio in %s: %w", where, err)
 	}
 	j, err := kdg.ParseFioJSON(out) // past a kubectl warning before the JSON
 	if err != nil {
-		return j, fmt.Errorf("fio in %s/%s: %w: %.300s", pod.Namespace, pod.Name, err, out)
+		return j, fmt.Errorf("fio in %s: %w: %.300s", where, err, out)
 	}
 	return j, nil
 }
 
-// Rounds runs the three phases n times, alternating (A B C A B C …), so
-// that the machine's drift shows in every phase's spread, and leaves the
-// aggressor's namespace opted out.
+// Rounds runs the phases (Setup.Phases) n times, alternating (A B C A B C
+// …), so that the machine's drift shows in every phase's spread, and
+// leaves the aggressors' namespace opted out and the node's cap off.
 func (s *Setup) Rounds(ctx context.Context, n int) ([]Result, error) {
 	var rs []Result
 	for i := range n {
-		for _, ph := range Phases {
+		for _, ph := range s.Phases {
 			r, err := s.Run(ctx, ph)
 			if err != nil {
 				return rs, fmt.Errorf("round %d, %s: %w", i+1, ph, err)
 			}
+			r.Round = i + 1
 			rs = append(rs, r)
 			if ph == Unprotected && s.Settle > 0 {
-				s.logf("settling %s after the unlimited aggressor", s.Settle)
+				s.logf("settling %s after the unlimited aggressors", s.Settle)
 				select {
 				case <-time.After(s.Settle):
 				case <-ctx.Done():
@@ -302,6 +466,9 @@ func (s *Setup) Rounds(ctx context.Context, n int) ([]Result, error) {
 				}
 			}
 		}
+	}
+	if err := s.setTotal(ctx, false); err != nil {
+		return rs, err
 	}
 	return rs, s.protect(ctx, false)
 }
@@ -312,22 +479,43 @@ type Summary map[Phase]Result
 // Summarize takes each phase's median of every figure.
 func Summarize(rs []Result) Summary {
 	sum := Summary{}
-	for _, ph := range Phases {
-		var iops, p50, p99, p999, ar, aw []float64
+	for _, ph := range allPhases {
+		var f [11][]float64
 		for _, r := range rs {
 			if r.Phase != ph {
 				continue
 			}
-			iops, ar, aw = append(iops, r.VictimIOPS), append(ar, r.AggressorReadIOPS), append(aw, r.AggressorWriteIOPS)
-			p50, p99, p999 = append(p50, float64(r.P50)), append(p99, float64(r.P99)), append(p999, float64(r.P999))
+			for i, v := range []float64{r.VictimIOPS, float64(r.P50), float64(r.P99), float64(r.P999), r.AggressorReadIOPS, r.AggressorWriteIOPS,
+				r.NodeIOPS, float64(r.NodeP99), float64(r.TotalIOPS), r.PodsReadIOPS, r.PodsWriteIOPS} {
+				f[i] = append(f[i], v)
+			}
 		}
-		if len(iops) == 0 {
+		if len(f[0]) == 0 {
 			continue
 		}
-		sum[ph] = Result{Phase: ph, VictimIOPS: Median(iops), P50: time.Duration(Median(p50)), P99: time.Duration(Median(p99)),
-			P999: time.Duration(Median(p999)), AggressorReadIOPS: Median(ar), AggressorWriteIOPS: Median(aw)}
+		m := func(i int) float64 { return Median(f[i]) }
+		d := func(i int) time.Duration { return time.Duration(m(i)) }
+		sum[ph] = Result{Phase: ph, VictimIOPS: m(0), P50: d(1), P99: d(2), P999: d(3), AggressorReadIOPS: m(4), AggressorWriteIOPS: m(5),
+			NodeIOPS: m(6), NodeP99: d(7), TotalIOPS: int(m(8)), PodsReadIOPS: m(9), PodsWriteIOPS: m(10)}
 	}
 	return sum
+}
+
+// phases is the phases the summary holds, in allPhases' order.
+func (s Summary) phases() []Phase {
+	var out []Phase
+	for _, ph := range allPhases {
+		if _, ok := s[ph]; ok {
+			out = append(out, ph)
+		}
+	}
+	return out
+}
+
+// NodeRatio is the node victim's median p99 in phase ph over its median
+// p99 alone.
+func (s Summary) NodeRatio(ph Phase) float64 {
+	return float64(s[ph].NodeP99) / float64(s[Alone].NodeP99)
 }
 
 // Ratio is the victim's median p99 in phase ph over its median p99 alone.
@@ -349,21 +537,46 @@ func Median(xs []float64) float64 {
 }
 
 // Table is every phase's figures, one line each, then the medians and the
-// two lines a script reads last: `victim p99 protected/alone X.XX` and
-// `victim p99 unprotected/alone X.XX`.
+// ratios of the median p99s to alone, the lines a script reads: the node
+// victim's first if it was measured (`node victim p99 capped/alone X.XX`),
+// then the pod victim's, `victim p99 protected/alone X.XX` (and capped)
+// before, last, `victim p99 unprotected/alone X.XX`.
 func Table(rs []Result) string {
+	node := slices.ContainsFunc(rs, func(r Result) bool { return r.NodeP99 > 0 })
 	var b strings.Builder
-	fmt.Fprintf(&b, "%-5s %-11s %9s %9s %9s %9s %12s %12s\n", "round", "phase", "victim", "p50", "p99", "p99.9", "aggr read", "aggr write")
-	for i, r := range rs {
-		fmt.Fprintf(&b, "%-5d %-11s %9.0f %9s %9s %9s %12.0f %12.0f\n", i/len(Phases)+1, r.Phase, r.VictimIOPS, us(r.P50), us(r.P99), us(r.P999), r.AggressorReadIOPS, r.AggressorWriteIOPS)
+	fmt.Fprintf(&b, "%-5s %-11s %9s %9s %9s %9s %12s %12s %10s %10s", "round", "phase", "victim", "p50", "p99", "p99.9", "aggr read", "aggr write", "pods read", "pods write")
+	if node {
+		fmt.Fprintf(&b, " %9s %9s", "node", "node p99")
+	}
+	b.WriteString("\n")
+	line := func(round string, r Result) {
+		fmt.Fprintf(&b, "%-5s %-11s %9.0f %9s %9s %9s %12.0f %12.0f %10.0f %10.0f", round, r.Phase, r.VictimIOPS, us(r.P50), us(r.P99), us(r.P999), r.AggressorReadIOPS, r.AggressorWriteIOPS, r.PodsReadIOPS, r.PodsWriteIOPS)
+		if node {
+			fmt.Fprintf(&b, " %9.0f %9s", r.NodeIOPS, us(r.NodeP99))
+		}
+		b.WriteString("\n")
+	}
+	for _, r := range rs {
+		line(strconv.Itoa(r.Round), r)
 	}
 	sum := Summarize(rs)
-	for _, ph := range Phases {
-		r := sum[ph]
-		fmt.Fprintf(&b, "%-5s %-11s %9.0f %9s %9s %9s %12.0f %12.0f\n", "med", ph, r.VictimIOPS, us(r.P50), us(r.P99), us(r.P999), r.AggressorReadIOPS, r.AggressorWriteIOPS)
+	phases := sum.phases()
+	for _, ph := range phases {
+		line("med", sum[ph])
 	}
-	fmt.Fprintf(&b, "victim p99 protected/alone %.2f\n", sum.Ratio(Protected))
-	fmt.Fprintf(&b, "victim p99 unprotected/alone %.2f\n", sum.Ratio(Unprotected))
+	// Unprotected last, as the scripts of the single aggressor read it.
+	ratios := slices.DeleteFunc(slices.Clone(phases), func(ph Phase) bool { return ph == Alone || ph == Unprotected })
+	if slices.Contains(phases, Unprotected) {
+		ratios = append(ratios, Unprotected)
+	}
+	if node {
+		for _, ph := range ratios {
+			fmt.Fprintf(&b, "node victim p99 %s/alone %.2f\n", ph, sum.NodeRatio(ph))
+		}
+	}
+	for _, ph := range ratios {
+		fmt.Fprintf(&b, "victim p99 %s/alone %.2f\n", ph, sum.Ratio(ph))
+	}
 	return b.String()
 }
 
@@ -376,14 +589,14 @@ func us(d time.Duration) string {
 // columns at most, for a terminal.
 func Bars(sum Summary, width int) string {
 	var longest time.Duration
-	for _, ph := range Phases {
+	for _, ph := range sum.phases() {
 		longest = max(longest, sum[ph].P99)
 	}
 	if longest == 0 {
 		return ""
 	}
 	var b strings.Builder
-	for _, ph := range Phases {
+	for _, ph := range sum.phases() {
 		r := sum[ph]
 		n := int(math.Round(float64(width) * float64(r.P99) / float64(longest)))
 		fmt.Fprintf(&b, "  %-11s %s %s p99 (%.1fx alone)\n", ph, strings.Repeat("█", max(n, 1)), us(r.P99), sum.Ratio(ph))

@@ -36,3 +36,26 @@ func TestTableEndsWithTheRatios(t *testing.T) {
 		t.Errorf("the unprotected bar is not the longest:\n%s", b)
 	}
 }
+
+// With the capped phase and the node victim, the node victim's ratios come
+// first, and the pod victim's unprotected/alone is still the last line.
+func TestTableWithTheNodeCapEndsWithUnprotected(t *testing.T) {
+	ms := time.Millisecond
+	var rs []Result
+	for i, ph := range []Phase{Alone, Unprotected, Protected, Capped} {
+		p99 := []time.Duration{2 * ms, 20 * ms, 3 * ms, 40 * ms}[i]
+		node := []time.Duration{2 * ms, 10 * ms, 2 * ms, 1 * ms}[i]
+		rs = append(rs, Result{Phase: ph, Round: 1, VictimIOPS: 500, P99: p99, NodeIOPS: 500, NodeP99: node})
+	}
+	lines := strings.Split(strings.TrimRight(Table(rs), "\n"), "\n")
+	got := strings.Join(lines[len(lines)-6:], "\n")
+	want := strings.Join([]string{
+		"node victim p99 protected/alone 1.00", "node victim p99 capped/alone 0.50", "node victim p99 unprotected/alone 5.00",
+		"victim p99 protected/alone 1.50", "victim p99 capped/alone 20.00", "victim p99 unprotected/alone 10.00"}, "\n")
+	if got != want {
+		t.Errorf("last six lines:\n%s\nwant\n%s", got, want)
+	}
+	if !strings.Contains(lines[0], "node p99") {
+		t.Errorf("no node victim column in the header: %s", lines[0])
+	}
+}

@@ -239,12 +239,21 @@ func (e *env) restoreApplier(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), e.f.slowed(2*time.Minute))
 	defer cancel()
+	if err := e.restartApplier(ctx); err != nil {
+		t.Error(err)
+	}
+}
+
+// restartApplier stops the applier and starts it again with settings
+// (KEY=VALUE) on top of how it was set up; it returns when it is ready.
+func (e *env) restartApplier(ctx context.Context, settings ...string) error {
 	if err := e.g.StopApplier(ctx, false); err != nil {
-		t.Errorf("stopping the applier: %v", err)
+		return fmt.Errorf("stopping the applier: %w", err)
 	}
-	if err := e.g.StartApplier(ctx); err != nil {
-		t.Errorf("restarting the applier: %v", err)
+	if err := e.g.StartApplier(ctx, settings...); err != nil {
+		return fmt.Errorf("starting the applier with %v: %w", settings, err)
 	}
+	return nil
 }
 
 // deletePods, for t.Cleanup, deletes pods one at a time, each waited for

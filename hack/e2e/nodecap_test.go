@@ -38,11 +38,8 @@ func (e *env) testDataTotalIOPS(t *testing.T) {
 	layout := e.c.Node.Layout()
 	restart := func(extra ...string) {
 		t.Helper()
-		if err := e.g.StopApplier(ctx, false); err != nil {
-			t.Fatalf("stopping the applier: %v", err)
-		}
-		if err := e.g.StartApplier(ctx, extra...); err != nil {
-			t.Fatalf("restarting the applier with %v: %v", extra, err)
+		if err := e.restartApplier(ctx, extra...); err != nil {
+			t.Fatal(err)
 		}
 	}
 	waitCap := func(iops uint64) time.Time { t.Helper(); return e.waitNodeCap(ctx, t, iops) }

@@ -108,13 +108,18 @@ func BenchmarkProtection(b *testing.B) {
 	realtest.HostLock(b)
 	rounds := envInt(b, "KDG_PROTECT_ROUNDS", 5)
 	e := setUp(b)
-	ctx, cancel := context.WithTimeout(context.Background(), time.Duration(rounds)*3*time.Minute+e.f.slowed(time.Duration(rounds)*4*time.Minute))
+	nodeCap := e.c.Node.Layout().Cgroup != cgroup.V1
+	perRound := 3 * time.Minute // the single aggressor's three phases
+	if nodeCap {
+		perRound += 4 * time.Minute // the node cap's four phases and two applier restarts
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), e.f.slowed(time.Duration(rounds)*perRound))
 	defer cancel()
 	s := &protect.Setup{VictimNS: "bench-victim", AggressorNS: "bench-aggressor", Seconds: envInt(b, "KDG_PROTECT_SECONDS", 10),
 		AggressorJobs: envInt(b, "KDG_PROTECT_JOBS", 4), AggressorDepth: envInt(b, "KDG_PROTECT_IODEPTH", 32), Limit: envInt(b, "KDG_PROTECT_LIMIT", protectLimit),
 		Settle: time.Duration(envInt(b, "KDG_PROTECT_SETTLE", 15)) * time.Second}
 	var capTable string
-	if e.c.Node.Layout().Cgroup == cgroup.V1 {
+	if !nodeCap {
 		b.Logf("the node cap with several aggressors (DATA_TOTAL_IOPS) is not measured on cgroup v1: its blkio throttle is flat, the cap on kubepods holds no pod below it (TestE2E/DataTotalIOPS shows it); KDG_NODE=v2 measures it")
 	} else {
 		capTable = e.benchNodeCap(ctx, b, s, rounds)
@@ -150,14 +155,11 @@ func (e *env) benchNodeCap(ctx context.Context, b *testing.B, one *protect.Setup
 		Phases: []protect.Phase{protect.Alone, protect.Unprotected, protect.Protected, protect.Capped}}
 	s.TotalIOPS = envInt(b, "KDG_PROTECT_TOTAL_IOPS", n*s.Limit)
 	s.SetTotal = func(ctx context.Context, iops int) error {
-		if err := e.g.StopApplier(ctx, false); err != nil {
-			return err
-		}
-		var settings []string
+		var settings []string // 0: the setting's default, off
 		if iops > 0 {
 			settings = append(settings, fmt.Sprintf("DATA_TOTAL_IOPS=%d", iops))
 		}
-		if err := e.g.StartApplier(ctx, settings...); err != nil {
+		if err := e.restartApplier(ctx, settings...); err != nil {
 			return err
 		}
 		e.waitNodeCap(ctx, b, uint64(iops))

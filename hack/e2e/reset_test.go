@@ -28,11 +28,8 @@ func (e *env) testReset(t *testing.T) {
 	defer cancel()
 	t.Cleanup(func() { e.restoreApplier(t) })
 	limited := e.pod(ctx, t, optedIn, "limited")
-	if err := e.g.StopApplier(ctx, false); err != nil {
-		t.Fatalf("stopping the applier: %v", err)
-	}
-	if err := e.g.StartApplier(ctx, fmt.Sprintf("DATA_TOTAL_IOPS=%d", e.f.totalIOPS)); err != nil {
-		t.Fatalf("starting the applier with DATA_TOTAL_IOPS=%d: %v", e.f.totalIOPS, err)
+	if err := e.restartApplier(ctx, fmt.Sprintf("DATA_TOTAL_IOPS=%d", e.f.totalIOPS)); err != nil {
+		t.Fatal(err)
 	}
 	e.waitNodeCap(ctx, t, uint64(e.f.totalIOPS))
 	e.waitCgroup(ctx, t, limited, "db", e.f.dbRead, e.f.dbWrite)

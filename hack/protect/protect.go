@@ -96,13 +96,13 @@ type Result struct {
 	AggressorWriteIOPS  float64
 	AggressorLimitRead  uint64 // each aggressor's cgroup limits during the phase (0: none)
 	AggressorLimitWrite uint64
-	TotalIOPS           int // the node's cap on all pods during the phase (0: none)
 	// All pods together on the data disk as the kernel counted them (the
-	// kubepods cgroup's counters) from the victim's fio started to done.
+	// kubepods cgroup's counters) over the victim's kubectl exec: its fio
+	// run and the exec's own start and end.
 	PodsReadIOPS, PodsWriteIOPS float64
 	// The node victim (Setup.NodeVictim; 0 without it).
-	NodeIOPS                   float64
-	NodeP50, NodeP99, NodeP999 time.Duration
+	NodeIOPS float64
+	NodeP99  time.Duration
 }
 
 func (s *Setup) logf(format string, args ...any) {
@@ -310,9 +310,6 @@ func (s *Setup) Run(ctx context.Context, ph Phase) (Result, error) {
 	if err := s.setTotal(ctx, ph == Capped); err != nil {
 		return r, err
 	}
-	if ph == Capped {
-		r.TotalIOPS = s.TotalIOPS
-	}
 	if ph != Alone {
 		if err := s.protect(ctx, ph == Protected); err != nil {
 			return r, err
@@ -325,16 +322,18 @@ func (s *Setup) Run(ctx context.Context, ph Phase) (Result, error) {
 		j   kdg.FioResult
 		err error
 	}
-	var aggs []chan out
+	var aggressors []*corev1.Pod // those running fio in this phase
 	if ph != Alone {
-		for i, p := range s.aggressors {
-			c := make(chan out, 1)
-			aggs = append(aggs, c)
+		aggressors = s.aggressors
+	}
+	aggs := make(chan out, len(aggressors))
+	if len(aggressors) > 0 {
+		for i, p := range aggressors {
 			go func() {
 				j, err := s.fio(ctx, p, fmt.Sprintf(
 					"--name=aggressor --filename=/data/%s --size=%dM --rw=randrw --bs=4k --direct=1 --ioengine=libaio --iodepth=%d --numjobs=%d --group_reporting --runtime=%d --time_based",
 					aggressorFile(i), s.AggressorMiB, s.AggressorDepth, s.AggressorJobs, s.Seconds+2))
-				c <- out{j, err}
+				aggs <- out{j, err}
 			}()
 		}
 		select {
@@ -371,8 +370,8 @@ func (s *Setup) Run(ctx context.Context, ph Phase) (Result, error) {
 		secs := time.Since(from).Seconds()
 		r.PodsReadIOPS, r.PodsWriteIOPS = float64(after.ReadIOs-before.ReadIOs)/secs, float64(after.WriteIOs-before.WriteIOs)/secs
 	}
-	for _, c := range aggs {
-		a := <-c
+	for range aggressors {
+		a := <-aggs
 		if a.err != nil {
 			errs = append(errs, a.err)
 			continue
@@ -384,7 +383,7 @@ func (s *Setup) Run(ctx context.Context, ph Phase) (Result, error) {
 		n := <-node
 		if n.err != nil {
 			errs = append(errs, n.err)
-		} else if r.NodeIOPS, r.NodeP50, r.NodeP99, r.NodeP999, err = latency(n.j, "node victim"); err != nil {
+		} else if r.NodeIOPS, _, r.NodeP99, _, err = latency(n.j, "node victim"); err != nil {
 			errs = append(errs, err)
 		}
 	}
@@ -480,23 +479,38 @@ type Summary map[Phase]Result
 func Summarize(rs []Result) Summary {
 	sum := Summary{}
 	for _, ph := range allPhases {
-		var f [11][]float64
+		var of []Result
 		for _, r := range rs {
-			if r.Phase != ph {
-				continue
-			}
-			for i, v := range []float64{r.VictimIOPS, float64(r.P50), float64(r.P99), float64(r.P999), r.AggressorReadIOPS, r.AggressorWriteIOPS,
-				r.NodeIOPS, float64(r.NodeP99), float64(r.TotalIOPS), r.PodsReadIOPS, r.PodsWriteIOPS} {
-				f[i] = append(f[i], v)
+			if r.Phase == ph {
+				of = append(of, r)
 			}
 		}
-		if len(f[0]) == 0 {
+		if len(of) == 0 {
 			continue
 		}
-		m := func(i int) float64 { return Median(f[i]) }
-		d := func(i int) time.Duration { return time.Duration(m(i)) }
-		sum[ph] = Result{Phase: ph, VictimIOPS: m(0), P50: d(1), P99: d(2), P999: d(3), AggressorReadIOPS: m(4), AggressorWriteIOPS: m(5),
-			NodeIOPS: m(6), NodeP99: d(7), TotalIOPS: int(m(8)), PodsReadIOPS: m(9), PodsWriteIOPS: m(10)}
+		med := func(f func(Result) float64) float64 {
+			xs := make([]float64, len(of))
+			for i, r := range of {
+				xs[i] = f(r)
+			}
+			return Median(xs)
+		}
+		dur := func(f func(Result) time.Duration) time.Duration {
+			return time.Duration(med(func(r Result) float64 { return float64(f(r)) }))
+		}
+		sum[ph] = Result{Phase: ph,
+			VictimIOPS: med(func(r Result) float64 { return r.VictimIOPS }),
+			P50:        dur(func(r Result) time.Duration { return r.P50 }),
+			P99:        dur(func(r Result) time.Duration { return r.P99 }),
+			P999:       dur(func(r Result) time.Duration { return r.P999 }),
+
+			AggressorReadIOPS:  med(func(r Result) float64 { return r.AggressorReadIOPS }),
+			AggressorWriteIOPS: med(func(r Result) float64 { return r.AggressorWriteIOPS }),
+			PodsReadIOPS:       med(func(r Result) float64 { return r.PodsReadIOPS }),
+			PodsWriteIOPS:      med(func(r Result) float64 { return r.PodsWriteIOPS }),
+			NodeIOPS:           med(func(r Result) float64 { return r.NodeIOPS }),
+			NodeP99:            dur(func(r Result) time.Duration { return r.NodeP99 }),
+		}
 	}
 	return sum
 }

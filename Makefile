@@ -143,7 +143,7 @@ bench-applier: host-deps test-bins
 bench-applier-load: host-deps test-bins
 	$(GO) test -run '^$$' -bench ReactionUnderLoad -benchtime 1x -v -timeout 150m ./applier/app/
 
-## bench-protection: the noisy neighbour: a victim pod's fio latency alone, next to an unlimited aggressor pod, and with the aggressor's namespace opted in live, alternated over 5 rounds on the real cluster; medians and ratios, the last two lines `victim p99 protected/alone X.XX` and `victim p99 unprotected/alone X.XX`. With NODE=v2 (cgroup v2) first 3 aggressors at once, per-container limits against all pods held by DATA_TOTAL_IOPS, with a second victim on the node outside any pod (root; KDG_PROTECT_ROUNDS, KDG_PROTECT_SECONDS, KDG_PROTECT_LIMIT, KDG_PROTECT_JOBS, KDG_PROTECT_IODEPTH, KDG_PROTECT_AGGRESSORS, KDG_PROTECT_TOTAL_IOPS)
+## bench-protection: the noisy neighbour: a victim pod's fio latency alone, next to an unlimited aggressor pod, and with the aggressor's namespace opted in live, alternated over 5 rounds on the real cluster; medians and ratios, the last two lines `victim p99 protected/alone X.XX` and `victim p99 unprotected/alone X.XX`. With NODE=v2 (cgroup v2) first 3 aggressors at once, per-container limits against all pods held by DATA_TOTAL_IOPS, with two more victims, fio on the node outside any pod and a Guaranteed pod (root; KDG_PROTECT_ROUNDS, KDG_PROTECT_SECONDS, KDG_PROTECT_LIMIT, KDG_PROTECT_JOBS, KDG_PROTECT_IODEPTH, KDG_PROTECT_AGGRESSORS, KDG_PROTECT_TOTAL_IOPS)
 bench-protection: host-deps test-bins build $(if $(filter v2,$(NODE)),vm-kernel v2node)
 	@mkdir -p $(CACHE)
 	set -o pipefail; $(GO) test -run '^$$' -bench BenchmarkProtection -benchtime 1x -v -timeout 150m ./hack/e2e/ 2>&1 | tee $(CACHE)/bench-protection.log

@@ -140,8 +140,9 @@ func BenchmarkProtection(b *testing.B) {
 }
 
 // benchNodeCap: KDG_PROTECT_AGGRESSORS (3) aggressors in one namespace,
-// each like the single one, and two victims, the pod and fio on the node
-// itself outside any pod, over rounds of four phases: alone; unprotected;
+// each like the single one, and three victims at once, the BestEffort pod,
+// fio on the node itself outside any pod and a Guaranteed pod (its cgroup
+// beside kubepods' besteffort child, not in it), over rounds of four phases: alone; unprotected;
 // protected (each aggressor at s.Limit: per-container limits); capped (the
 // aggressors unlimited, all pods together held by DATA_TOTAL_IOPS at
 // KDG_PROTECT_TOTAL_IOPS, by default as many as the aggressors' limits
@@ -149,7 +150,8 @@ func BenchmarkProtection(b *testing.B) {
 // the benchmark prints before the single aggressor's.
 func (e *env) benchNodeCap(ctx context.Context, b *testing.B, one *protect.Setup, rounds int) string {
 	n := envInt(b, "KDG_PROTECT_AGGRESSORS", 3)
-	s := &protect.Setup{VictimNS: "bench-cap-victim", AggressorNS: "bench-cap-aggressors", Aggressors: n, NodeVictim: true,
+	s := &protect.Setup{VictimNS: "bench-cap-victim", AggressorNS: "bench-cap-aggressors", Aggressors: n,
+		Besides: []protect.Beside{protect.OnNode, protect.Guaranteed},
 		Seconds: one.Seconds, AggressorJobs: one.AggressorJobs, AggressorDepth: one.AggressorDepth, Limit: one.Limit, Settle: one.Settle,
 		VictimMiB: 256, AggressorMiB: 256,
 		Phases: []protect.Phase{protect.Alone, protect.Unprotected, protect.Protected, protect.Capped}}
@@ -166,7 +168,7 @@ func (e *env) benchNodeCap(ctx context.Context, b *testing.B, one *protect.Setup
 		return nil
 	}
 	e.protection(ctx, b, s)
-	b.Logf("node cap: %d aggressors of %d fio jobs of 4 KiB randrw at iodepth %d, each limited to %d read + %d write IOPS when protected, all pods capped at DATA_TOTAL_IOPS=%d when capped; victims: the pod and fio on the node outside any pod, 4 KiB randread, iodepth 1, %d s per phase; load %s",
+	b.Logf("node cap: %d aggressors of %d fio jobs of 4 KiB randrw at iodepth %d, each limited to %d read + %d write IOPS when protected, all pods capped at DATA_TOTAL_IOPS=%d when capped; victims at once: a BestEffort pod, fio on the node outside any pod, a Guaranteed pod, 4 KiB randread, iodepth 1, %d s per phase; load %s",
 		n, s.AggressorJobs, s.AggressorDepth, s.Limit, s.Limit, s.TotalIOPS, s.Seconds, realtest.LoadAverage())
 	rs, err := s.Rounds(ctx, rounds)
 	if err != nil {
@@ -174,7 +176,8 @@ func (e *env) benchNodeCap(ctx context.Context, b *testing.B, one *protect.Setup
 	}
 	sum := protect.Summarize(rs)
 	b.ReportMetric(sum.Ratio(protect.Capped), "p99-capped/alone")
-	b.ReportMetric(sum.NodeRatio(protect.Capped), "node-p99-capped/alone")
+	b.ReportMetric(sum.BesideRatio(protect.OnNode, protect.Capped), "node-p99-capped/alone")
+	b.ReportMetric(sum.BesideRatio(protect.Guaranteed, protect.Capped), "guaranteed-p99-capped/alone")
 	return fmt.Sprintf("\n%d aggressors; protected: each at %d IOPS; capped: DATA_TOTAL_IOPS=%d\n%s\n%s", n, s.Limit, s.TotalIOPS, protect.Bars(sum, 40), protect.Table(rs))
 }
 

@@ -20,6 +20,7 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/kubediskguard/kubediskguard/hack/cluster"
@@ -46,6 +47,37 @@ var Phases = []Phase{Alone, Unprotected, Protected}
 // allPhases is every phase, in the order tables and charts show them.
 var allPhases = []Phase{Alone, Unprotected, Protected, Capped}
 
+// Beside is a second victim: the pod victim's reads, run at the same
+// time by another reader.
+type Beside string
+
+const (
+	// OnNode: fio on the node itself, outside any pod, as the node's own
+	// IO (the kubelet's, the runtime's, the system's) would be.
+	OnNode Beside = "node"
+	// Guaranteed: a Guaranteed pod in VictimNS. Its cgroup sits directly in
+	// the kubepods cgroup, where the BestEffort pods' (the pod victim's,
+	// the aggressors') sit in kubepods' besteffort child: under the node
+	// cap it shows whether a pod's queue in the kernel's throttle is its
+	// own or shared with its QoS class.
+	Guaranteed Beside = "guaranteed"
+)
+
+// allBesides is every second victim, in the order tables show them.
+var allBesides = []Beside{OnNode, Guaranteed}
+
+// header is a second victim's column in Table.
+func (b Beside) header() string { return string(b)[:4] }
+
+// file is a second victim's fio file on the data disk.
+func (b Beside) file() string { return "protect-" + string(b) + "-victim.dat" }
+
+// Latency is a second victim's read IOPS and p99 completion latency.
+type Latency struct {
+	IOPS float64
+	P99  time.Duration
+}
+
 // Setup is the two pods and how hard the aggressor pushes.
 type Setup struct {
 	C *cluster.Cluster
@@ -68,10 +100,9 @@ type Setup struct {
 	Phases    []Phase
 	TotalIOPS int
 	SetTotal  func(ctx context.Context, iops int) error
-	// NodeVictim: a second victim beside the pod's in every phase, the
-	// same reads by fio run on the node outside any pod, as the node's own
-	// IO (the kubelet's, the runtime's, the system's) would be.
-	NodeVictim bool
+	// Besides are second victims measured beside the pod's in every
+	// phase, each on a file of its own.
+	Besides []Beside
 	// Settle is a pause after each unprotected phase: the unlimited
 	// aggressor's gigabytes of writes keep the host's disk busy for a while
 	// after it stopped (measured: the next phase's victim p99 several
@@ -81,6 +112,7 @@ type Setup struct {
 	Log    func(format string, args ...any)
 
 	victim     *corev1.Pod
+	guaranteed *corev1.Pod // Besides has Guaranteed
 	aggressors []*corev1.Pod
 	totalOn    bool // SetTotal(TotalIOPS) is in force
 }
@@ -100,9 +132,8 @@ type Result struct {
 	// kubepods cgroup's counters) over the victim's kubectl exec: its fio
 	// run and the exec's own start and end.
 	PodsReadIOPS, PodsWriteIOPS float64
-	// The node victim (Setup.NodeVictim; 0 without it).
-	NodeIOPS float64
-	NodeP99  time.Duration
+	// Each second victim's (Setup.Besides).
+	Besides map[Beside]Latency
 }
 
 func (s *Setup) logf(format string, args ...any) {
@@ -141,16 +172,17 @@ func aggressorName(i int) string {
 func aggressorFile(i int) string { return "protect-" + aggressorName(i) + ".dat" }
 
 const (
-	victimFile     = "protect-victim.dat"
-	nodeVictimFile = "protect-node-victim.dat"
-	container      = "main"
+	victimFile = "protect-victim.dat"
+	container  = "main"
+	// guaranteedVictim is the Guaranteed second victim's pod, in VictimNS.
+	guaranteedVictim = "victim-guaranteed"
 )
 
 // files is every fio file on the data disk and its size in MiB.
 func (s *Setup) files() map[string]int {
 	fs := map[string]int{victimFile: s.VictimMiB}
-	if s.NodeVictim {
-		fs[nodeVictimFile] = s.VictimMiB
+	for _, b := range s.Besides {
+		fs[b.file()] = s.VictimMiB
 	}
 	for i := range s.Aggressors {
 		fs[aggressorFile(i)] = s.AggressorMiB
@@ -182,11 +214,22 @@ func (s *Setup) Prepare(ctx context.Context) error {
 		}
 	}
 	var err error
-	if s.victim, err = s.startPod(ctx, s.VictimNS, "victim"); err != nil {
+	if s.victim, err = s.startPod(ctx, s.VictimNS, "victim", corev1.ResourceRequirements{}); err != nil {
 		return err
 	}
+	if slices.Contains(s.Besides, Guaranteed) {
+		// A whole core and requests = limits: Guaranteed, and fio at
+		// iodepth 1 is one thread, so the CPU quota is no limit to it.
+		rl := corev1.ResourceList{corev1.ResourceCPU: resource.MustParse("1"), corev1.ResourceMemory: resource.MustParse("128Mi")}
+		if s.guaranteed, err = s.startPod(ctx, s.VictimNS, guaranteedVictim, corev1.ResourceRequirements{Requests: rl, Limits: rl}); err != nil {
+			return err
+		}
+		if q := s.guaranteed.Status.QOSClass; q != corev1.PodQOSGuaranteed {
+			return fmt.Errorf("pod %s/%s: QoS class %q, want Guaranteed", s.VictimNS, guaranteedVictim, q)
+		}
+	}
 	for i := range s.Aggressors {
-		p, err := s.startPod(ctx, s.AggressorNS, aggressorName(i))
+		p, err := s.startPod(ctx, s.AggressorNS, aggressorName(i), corev1.ResourceRequirements{})
 		if err != nil {
 			return err
 		}
@@ -195,8 +238,9 @@ func (s *Setup) Prepare(ctx context.Context) error {
 	return nil
 }
 
-func (s *Setup) startPod(ctx context.Context, ns, name string) (*corev1.Pod, error) {
+func (s *Setup) startPod(ctx context.Context, ns, name string, res corev1.ResourceRequirements) (*corev1.Pod, error) {
 	p := s.C.Pod(ns, name, "sleep", "inf")
+	p.Spec.Containers[0].Resources = res
 	hp := func(n, path string) corev1.Volume {
 		return corev1.Volume{Name: n, VolumeSource: corev1.VolumeSource{HostPath: &corev1.HostPathVolumeSource{Path: path}}}
 	}
@@ -231,7 +275,9 @@ func (s *Setup) Cleanup(ctx context.Context) error {
 		}
 	}
 	zero := int64(0)
-	s.C.Client.CoreV1().Pods(s.VictimNS).Delete(ctx, "victim", metav1.DeleteOptions{GracePeriodSeconds: &zero})
+	for _, name := range []string{"victim", guaranteedVictim} {
+		s.C.Client.CoreV1().Pods(s.VictimNS).Delete(ctx, name, metav1.DeleteOptions{GracePeriodSeconds: &zero})
+	}
 	for i := range max(s.Aggressors, 1) {
 		s.C.Client.CoreV1().Pods(s.AggressorNS).Delete(ctx, aggressorName(i), metav1.DeleteOptions{GracePeriodSeconds: &zero})
 	}
@@ -303,10 +349,10 @@ func (s *Setup) protect(ctx context.Context, on bool) error {
 
 // Run measures one phase: the node's cap on for Capped only, the
 // aggressors' namespace opted in (Protected) or out, the aggressors' fio
-// started (not when Alone), after a second the victim's fio (and the node
-// victim's beside it) for Seconds, then the aggressors' results.
+// started (not when Alone), after a second the victim's fio (and the
+// second victims' beside it) for Seconds, then the aggressors' results.
 func (s *Setup) Run(ctx context.Context, ph Phase) (Result, error) {
-	r := Result{Phase: ph}
+	r := Result{Phase: ph, Besides: map[Beside]Latency{}}
 	if err := s.setTotal(ctx, ph == Capped); err != nil {
 		return r, err
 	}
@@ -346,11 +392,20 @@ func (s *Setup) Run(ctx context.Context, ph Phase) (Result, error) {
 		return fmt.Sprintf("--name=victim --filename=%s --size=%dM --rw=randread --bs=4k --direct=1 --ioengine=psync --iodepth=1 --runtime=%d --time_based",
 			file, s.VictimMiB, s.Seconds)
 	}
-	node := make(chan out, 1)
-	if s.NodeVictim {
+	besides := make(map[Beside]chan out, len(s.Besides))
+	for _, b := range s.Besides {
+		besides[b] = make(chan out, 1)
 		go func() {
-			j, err := s.nodeFio(ctx, victim(s.C.Node.DataDir()+"/"+nodeVictimFile))
-			node <- out{j, err}
+			var o out
+			switch b {
+			case OnNode:
+				o.j, o.err = s.nodeFio(ctx, victim(s.C.Node.DataDir()+"/"+b.file()))
+			case Guaranteed:
+				o.j, o.err = s.fio(ctx, s.guaranteed, victim("/data/"+b.file()))
+			default:
+				o.err = fmt.Errorf("no second victim %q", b)
+			}
+			besides[b] <- o
 		}()
 	}
 	kubepods := s.C.Node.Layout().KubepodsCgroup()
@@ -379,13 +434,20 @@ func (s *Setup) Run(ctx context.Context, ph Phase) (Result, error) {
 		r.AggressorReadIOPS += a.j.Jobs[0].Read.IOPS
 		r.AggressorWriteIOPS += a.j.Jobs[0].Write.IOPS
 	}
-	if s.NodeVictim {
-		n := <-node
-		if n.err != nil {
-			errs = append(errs, n.err)
-		} else if r.NodeIOPS, _, r.NodeP99, _, err = latency(n.j, "node victim"); err != nil {
-			errs = append(errs, err)
+	besideLog := ""
+	for _, b := range s.Besides {
+		o := <-besides[b]
+		if o.err != nil {
+			errs = append(errs, o.err)
+			continue
 		}
+		var l Latency
+		if l.IOPS, _, l.P99, _, err = latency(o.j, string(b)+" victim"); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		r.Besides[b] = l
+		besideLog += fmt.Sprintf("   %s victim %6.0f IOPS  p99 %8s", b, l.IOPS, us(l.P99))
 	}
 	if err := errors.Join(errs...); err != nil {
 		return r, err
@@ -393,12 +455,8 @@ func (s *Setup) Run(ctx context.Context, ph Phase) (Result, error) {
 	if r.VictimIOPS, r.P50, r.P99, r.P999, err = latency(v, "victim"); err != nil {
 		return r, err
 	}
-	nodeLog := ""
-	if s.NodeVictim {
-		nodeLog = fmt.Sprintf("   node victim %6.0f IOPS  p99 %8s", r.NodeIOPS, us(r.NodeP99))
-	}
 	s.logf("%-11s victim %6.0f IOPS  p50 %8s  p99 %8s  p99.9 %8s   aggressors read %7.0f write %7.0f IOPS   all pods (%s) read %7.0f write %7.0f IOPS%s",
-		ph, r.VictimIOPS, us(r.P50), us(r.P99), us(r.P999), r.AggressorReadIOPS, r.AggressorWriteIOPS, kubepods, r.PodsReadIOPS, r.PodsWriteIOPS, nodeLog)
+		ph, r.VictimIOPS, us(r.P50), us(r.P99), us(r.P999), r.AggressorReadIOPS, r.AggressorWriteIOPS, kubepods, r.PodsReadIOPS, r.PodsWriteIOPS, besideLog)
 	return r, nil
 }
 
@@ -498,7 +556,7 @@ func Summarize(rs []Result) Summary {
 		dur := func(f func(Result) time.Duration) time.Duration {
 			return time.Duration(med(func(r Result) float64 { return float64(f(r)) }))
 		}
-		sum[ph] = Result{Phase: ph,
+		r := Result{Phase: ph, Besides: map[Beside]Latency{},
 			VictimIOPS: med(func(r Result) float64 { return r.VictimIOPS }),
 			P50:        dur(func(r Result) time.Duration { return r.P50 }),
 			P99:        dur(func(r Result) time.Duration { return r.P99 }),
@@ -508,11 +566,23 @@ func Summarize(rs []Result) Summary {
 			AggressorWriteIOPS: med(func(r Result) float64 { return r.AggressorWriteIOPS }),
 			PodsReadIOPS:       med(func(r Result) float64 { return r.PodsReadIOPS }),
 			PodsWriteIOPS:      med(func(r Result) float64 { return r.PodsWriteIOPS }),
-			NodeIOPS:           med(func(r Result) float64 { return r.NodeIOPS }),
-			NodeP99:            dur(func(r Result) time.Duration { return r.NodeP99 }),
 		}
+		for _, b := range besidesOf(of) {
+			r.Besides[b] = Latency{
+				IOPS: med(func(r Result) float64 { return r.Besides[b].IOPS }),
+				P99:  dur(func(r Result) time.Duration { return r.Besides[b].P99 }),
+			}
+		}
+		sum[ph] = r
 	}
 	return sum
+}
+
+// besidesOf is the second victims measured in rs, in allBesides' order.
+func besidesOf(rs []Result) []Beside {
+	return slices.DeleteFunc(slices.Clone(allBesides), func(b Beside) bool {
+		return !slices.ContainsFunc(rs, func(r Result) bool { _, ok := r.Besides[b]; return ok })
+	})
 }
 
 // phases is the phases the summary holds, in allPhases' order.
@@ -526,10 +596,10 @@ func (s Summary) phases() []Phase {
 	return out
 }
 
-// NodeRatio is the node victim's median p99 in phase ph over its median
-// p99 alone.
-func (s Summary) NodeRatio(ph Phase) float64 {
-	return float64(s[ph].NodeP99) / float64(s[Alone].NodeP99)
+// BesideRatio is the second victim b's median p99 in phase ph over its
+// median p99 alone.
+func (s Summary) BesideRatio(b Beside, ph Phase) float64 {
+	return float64(s[ph].Besides[b].P99) / float64(s[Alone].Besides[b].P99)
 }
 
 // Ratio is the victim's median p99 in phase ph over its median p99 alone.
@@ -551,22 +621,22 @@ func Median(xs []float64) float64 {
 }
 
 // Table is every phase's figures, one line each, then the medians and the
-// ratios of the median p99s to alone, the lines a script reads: the node
-// victim's first if it was measured (`node victim p99 capped/alone X.XX`),
-// then the pod victim's, `victim p99 protected/alone X.XX` (and capped)
+// ratios of the median p99s to alone, the lines a script reads: the second
+// victims' first if they were measured (`node victim p99 capped/alone
+// X.XX`, `guaranteed victim p99 …`), then the pod victim's, `victim p99 protected/alone X.XX` (and capped)
 // before, last, `victim p99 unprotected/alone X.XX`.
 func Table(rs []Result) string {
-	node := slices.ContainsFunc(rs, func(r Result) bool { return r.NodeP99 > 0 })
+	besides := besidesOf(rs)
 	var b strings.Builder
 	fmt.Fprintf(&b, "%-5s %-11s %9s %9s %9s %9s %12s %12s %10s %10s", "round", "phase", "victim", "p50", "p99", "p99.9", "aggr read", "aggr write", "pods read", "pods write")
-	if node {
-		fmt.Fprintf(&b, " %9s %9s", "node", "node p99")
+	for _, v := range besides {
+		fmt.Fprintf(&b, " %9s %9s", v.header(), v.header()+" p99")
 	}
 	b.WriteString("\n")
 	line := func(round string, r Result) {
 		fmt.Fprintf(&b, "%-5s %-11s %9.0f %9s %9s %9s %12.0f %12.0f %10.0f %10.0f", round, r.Phase, r.VictimIOPS, us(r.P50), us(r.P99), us(r.P999), r.AggressorReadIOPS, r.AggressorWriteIOPS, r.PodsReadIOPS, r.PodsWriteIOPS)
-		if node {
-			fmt.Fprintf(&b, " %9.0f %9s", r.NodeIOPS, us(r.NodeP99))
+		for _, v := range besides {
+			fmt.Fprintf(&b, " %9.0f %9s", r.Besides[v].IOPS, us(r.Besides[v].P99))
 		}
 		b.WriteString("\n")
 	}
@@ -583,9 +653,9 @@ func Table(rs []Result) string {
 	if slices.Contains(phases, Unprotected) {
 		ratios = append(ratios, Unprotected)
 	}
-	if node {
+	for _, v := range besides {
 		for _, ph := range ratios {
-			fmt.Fprintf(&b, "node victim p99 %s/alone %.2f\n", ph, sum.NodeRatio(ph))
+			fmt.Fprintf(&b, "%s victim p99 %s/alone %.2f\n", v, ph, sum.BesideRatio(v, ph))
 		}
 	}
 	for _, ph := range ratios {

@@ -37,25 +37,29 @@ func TestTableEndsWithTheRatios(t *testing.T) {
 	}
 }
 
-// With the capped phase and the node victim, the node victim's ratios come
-// first, and the pod victim's unprotected/alone is still the last line.
+// With the capped phase and two second victims, their ratios come first,
+// the node's then the Guaranteed pod's, and the pod victim's
+// unprotected/alone is still the last line.
 func TestTableWithTheNodeCapEndsWithUnprotected(t *testing.T) {
 	ms := time.Millisecond
 	var rs []Result
 	for i, ph := range []Phase{Alone, Unprotected, Protected, Capped} {
 		p99 := []time.Duration{2 * ms, 20 * ms, 3 * ms, 40 * ms}[i]
 		node := []time.Duration{2 * ms, 10 * ms, 2 * ms, 1 * ms}[i]
-		rs = append(rs, Result{Phase: ph, Round: 1, VictimIOPS: 500, P99: p99, NodeIOPS: 500, NodeP99: node})
+		guar := []time.Duration{2 * ms, 8 * ms, 2 * ms, 4 * ms}[i]
+		rs = append(rs, Result{Phase: ph, Round: 1, VictimIOPS: 500, P99: p99,
+			Besides: map[Beside]Latency{Guaranteed: {500, guar}, OnNode: {500, node}}})
 	}
 	lines := strings.Split(strings.TrimRight(Table(rs), "\n"), "\n")
-	got := strings.Join(lines[len(lines)-6:], "\n")
+	got := strings.Join(lines[len(lines)-9:], "\n")
 	want := strings.Join([]string{
 		"node victim p99 protected/alone 1.00", "node victim p99 capped/alone 0.50", "node victim p99 unprotected/alone 5.00",
+		"guaranteed victim p99 protected/alone 1.00", "guaranteed victim p99 capped/alone 2.00", "guaranteed victim p99 unprotected/alone 4.00",
 		"victim p99 protected/alone 1.50", "victim p99 capped/alone 20.00", "victim p99 unprotected/alone 10.00"}, "\n")
 	if got != want {
-		t.Errorf("last six lines:\n%s\nwant\n%s", got, want)
+		t.Errorf("last nine lines:\n%s\nwant\n%s", got, want)
 	}
-	if !strings.Contains(lines[0], "node p99") {
-		t.Errorf("no node victim column in the header: %s", lines[0])
+	if !strings.Contains(lines[0], "node p99") || !strings.Contains(lines[0], "guar p99") || strings.Index(lines[0], "node") > strings.Index(lines[0], "guar") {
+		t.Errorf("no node then guaranteed victim columns in the header: %s", lines[0])
 	}
 }

@@ -341,6 +341,103 @@ func DataDiskIOStat(ctx context.Context, n Node, dir string) (cgroup.IOStat, err
 	return s[disk], nil
 }
 
+// IOStatSample is a cgroup's counters on the data disk at a time, the
+// node's clock.
+type IOStatSample struct {
+	At time.Time
+	cgroup.IOStat
+}
+
+// SampleDataDiskIOStat is DataDiskIOStat every interval until the file
+// stop appears on the node (removed then) or for at most d, read by one
+// shell loop on the node, so that each sample's time is the node's clock
+// next to its read rather than a round trip away.
+func SampleDataDiskIOStat(ctx context.Context, n Node, dir, stop string, d, every time.Duration) ([]IOStatSample, error) {
+	// Every file cgroup.StatsOf may ask for, on either version; a missing
+	// one is left out of its sample.
+	const files = "io.stat blkio.throttle.io_serviced_recursive blkio.throttle.io_serviced blkio.throttle.io_service_bytes_recursive blkio.throttle.io_service_bytes"
+	script := fmt.Sprintf(`end=$(( $(date +%%s) + %d )); while [ ! -e "$2" ] && [ "$(date +%%s)" -lt "$end" ]; do echo "@ $(date +%%s%%N)"; for f in %s; do if [ -e "$1/$f" ]; then echo "# $f"; cat "$1/$f"; fi; done; sleep %.3f; done; rm -f "$2"`,
+		int((d+time.Second-1)/time.Second), files, every.Seconds())
+	out, err := n.Run(ctx, "sh", "-c", script, "sh", dir, stop)
+	if err != nil {
+		return nil, fmt.Errorf("sampling %s's io counters: %w", dir, err)
+	}
+	return parseIOStatSamples(string(out), n.Layout().Cgroup, dir, n.DataDisk())
+}
+
+// parseIOStatSamples reads SampleDataDiskIOStat's output: per sample an
+// "@ <unix ns>" line, then per file a "# <name>" line and its contents.
+func parseIOStatSamples(out string, v cgroup.Version, dir string, disk device.Device) ([]IOStatSample, error) {
+	var samples []IOStatSample
+	var at time.Time
+	var files map[string]*strings.Builder
+	var file string
+	flush := func() error {
+		if files == nil {
+			return nil
+		}
+		st, err := cgroup.StatsOf(v, dir, func(name string) (string, error) {
+			b, ok := files[name]
+			if !ok {
+				return "", fmt.Errorf("%s: %w", name, os.ErrNotExist)
+			}
+			return b.String(), nil
+		}, []device.Device{disk})
+		if err != nil {
+			return fmt.Errorf("the sample at %s: %w", at.Format(time.RFC3339Nano), err)
+		}
+		samples = append(samples, IOStatSample{At: at, IOStat: st[disk]})
+		return nil
+	}
+	for _, line := range strings.Split(out, "\n") {
+		switch {
+		case strings.HasPrefix(line, "@ "):
+			if err := flush(); err != nil {
+				return nil, err
+			}
+			ns, err := strconv.ParseInt(strings.TrimPrefix(line, "@ "), 10, 64)
+			if err != nil {
+				return nil, fmt.Errorf("sampling %s: a time %q: %w", dir, line, err)
+			}
+			at, files, file = time.Unix(0, ns), map[string]*strings.Builder{}, ""
+		case strings.HasPrefix(line, "# ") && files != nil:
+			file = strings.TrimPrefix(line, "# ")
+			files[file] = &strings.Builder{}
+		case file != "":
+			files[file].WriteString(line + "\n")
+		}
+	}
+	if err := flush(); err != nil {
+		return nil, err
+	}
+	if len(samples) < 2 {
+		return nil, fmt.Errorf("sampling %s's io counters: %d samples, want 2 or more: %.300s", dir, len(samples), out)
+	}
+	return samples, nil
+}
+
+// Rates is the read and write IOs a second between samples at least
+// window apart, both taken from from to to, one pair per sample from the
+// first: how fast the cgroup went, window by window.
+func Rates(samples []IOStatSample, from, to time.Time, window time.Duration) (read, write []float64) {
+	var in []IOStatSample
+	for _, s := range samples {
+		if !s.At.Before(from) && !s.At.After(to) {
+			in = append(in, s)
+		}
+	}
+	for i, a := range in {
+		for _, b := range in[i+1:] {
+			if dt := b.At.Sub(a.At); dt >= window {
+				read = append(read, float64(b.ReadIOs-a.ReadIOs)/dt.Seconds())
+				write = append(write, float64(b.WriteIOs-a.WriteIOs)/dt.Seconds())
+				break
+			}
+		}
+	}
+	return read, write
+}
+
 // ParseIOLimits is IOLimits on the contents of the layout's limit files
 // (by file name).
 func ParseIOLimits(l Layout, files map[string]string) (map[device.Device]limits.Limits, error) {

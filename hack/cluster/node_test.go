@@ -5,6 +5,7 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -208,5 +209,77 @@ func TestServerVersion(t *testing.T) {
 				t.Errorf("serverVersion = %q, want %q", got, tc.want)
 			}
 		})
+	}
+}
+
+func TestParseIOStatSamples(t *testing.T) {
+	disk := device.Device{Major: 254, Minor: 16}
+	for name, tc := range map[string]struct {
+		v       cgroup.Version
+		out     string
+		want    []IOStatSample
+		wantErr string
+	}{
+		"cgroup v2's io.stat per sample, other devices left out": {
+			cgroup.V2, "@ 1000000000\n# io.stat\n254:16 rbytes=4096 wbytes=0 rios=10 wios=2 dbytes=0 dios=0\n254:0 rbytes=1 wbytes=1 rios=99 wios=99 dbytes=0 dios=0\n" +
+				"@ 1500000000\n# io.stat\n254:16 rbytes=8192 wbytes=0 rios=310 wios=302 dbytes=0 dios=0\n",
+			[]IOStatSample{
+				{At: time.Unix(1, 0), IOStat: cgroup.IOStat{ReadBytes: 4096, ReadIOs: 10, WriteIOs: 2}},
+				{At: time.Unix(1, 5e8), IOStat: cgroup.IOStat{ReadBytes: 8192, ReadIOs: 310, WriteIOs: 302}},
+			}, "",
+		},
+		"cgroup v1's recursive files, a device without IO yet at zero": {
+			cgroup.V1, "@ 2000000000\n# blkio.throttle.io_serviced_recursive\nTotal 0\n# blkio.throttle.io_service_bytes_recursive\nTotal 0\n" +
+				"@ 3000000000\n# blkio.throttle.io_serviced_recursive\n254:16 Read 5\n254:16 Write 7\n254:16 Total 12\nTotal 12\n# blkio.throttle.io_service_bytes_recursive\n254:16 Read 20480\n254:16 Write 28672\n254:16 Total 49152\nTotal 49152\n",
+			[]IOStatSample{
+				{At: time.Unix(2, 0)},
+				{At: time.Unix(3, 0), IOStat: cgroup.IOStat{ReadBytes: 20480, WriteBytes: 28672, ReadIOs: 5, WriteIOs: 7}},
+			}, "",
+		},
+		"one sample is not a rate": {cgroup.V2, "@ 1000000000\n# io.stat\n", nil, "1 samples, want 2 or more"},
+		"a sample without its file is an error naming it": {
+			cgroup.V2, "@ 1000000000\n@ 2000000000\n# io.stat\n", nil, "io.stat",
+		},
+		"a time that is not a number": {cgroup.V2, "@ soon\n", nil, `a time "@ soon"`},
+	} {
+		t.Run(name, func(t *testing.T) {
+			got, err := parseIOStatSamples(tc.out, tc.v, "/sys/fs/cgroup/kubepods.slice", disk)
+			if tc.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+					t.Fatalf("error %v, want one containing %q", err, tc.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !reflect.DeepEqual(got, tc.want) {
+				t.Errorf("got %+v, want %+v", got, tc.want)
+			}
+		})
+	}
+}
+
+func TestRates(t *testing.T) {
+	at := func(ms int64, r, w uint64) IOStatSample {
+		return IOStatSample{At: time.UnixMilli(ms), IOStat: cgroup.IOStat{ReadIOs: r, WriteIOs: w}}
+	}
+	// Samples every 0.5 s: each rate spans the first sample a second or
+	// more later; the last samples have none.
+	samples := []IOStatSample{at(0, 0, 0), at(500, 300, 100), at(1000, 600, 200), at(1500, 1500, 300), at(2000, 1600, 400)}
+	r, w := Rates(samples, time.UnixMilli(0), time.UnixMilli(2000), time.Second)
+	if want := []float64{600, 1200, 1000}; !reflect.DeepEqual(r, want) {
+		t.Errorf("read rates %v, want %v", r, want)
+	}
+	if want := []float64{200, 200, 200}; !reflect.DeepEqual(w, want) {
+		t.Errorf("write rates %v, want %v", w, want)
+	}
+	// Only the samples from from to to count: the fio run's, not the
+	// exec's start before it.
+	if r, _ := Rates(samples, time.UnixMilli(500), time.UnixMilli(1500), time.Second); !reflect.DeepEqual(r, []float64{1200}) {
+		t.Errorf("read rates from 0.5 s to 1.5 s %v, want [1200]", r)
+	}
+	if r, _ := Rates(samples, time.UnixMilli(600), time.UnixMilli(1500), time.Second); r != nil {
+		t.Errorf("read rates over less than a second %v, want none", r)
 	}
 }

@@ -128,10 +128,14 @@ type Result struct {
 	AggressorWriteIOPS  float64
 	AggressorLimitRead  uint64 // each aggressor's cgroup limits during the phase (0: none)
 	AggressorLimitWrite uint64
-	// All pods together on the data disk as the kernel counted them (the
-	// kubepods cgroup's counters) over the victim's kubectl exec: its fio
-	// run and the exec's own start and end.
+	// All pods together on the data disk as the kernel counted them: the
+	// kubepods cgroup's counters, sampled on the node every half second,
+	// as rates over windows of a second or more (cluster.Rates) while every
+	// aggressor's fio ran (the victim's when alone); their median, and
+	// their peak: under the node's cap (Capped) no window should be far
+	// above it.
 	PodsReadIOPS, PodsWriteIOPS float64
+	PodsReadPeak, PodsWritePeak float64
 	// Each second victim's (Setup.Besides).
 	Besides map[Beside]Latency
 }
@@ -372,6 +376,18 @@ func (s *Setup) Run(ctx context.Context, ph Phase) (Result, error) {
 	if ph != Alone {
 		aggressors = s.aggressors
 	}
+	kubepods := s.C.Node.Layout().KubepodsCgroup()
+	type sampled struct {
+		samples []cluster.IOStatSample
+		err     error
+	}
+	pods := make(chan sampled, 1)
+	stop := fmt.Sprintf("%s/protect-sampling-%d", s.C.Node.Dir(), time.Now().UnixNano())
+	go func() {
+		// Until every fio is done (stop), at most a few minutes.
+		ss, err := cluster.SampleDataDiskIOStat(ctx, s.C.Node, kubepods, stop, time.Duration(s.Seconds)*time.Second+3*time.Minute, 500*time.Millisecond)
+		pods <- sampled{ss, err}
+	}()
 	aggs := make(chan out, len(aggressors))
 	if len(aggressors) > 0 {
 		for i, p := range aggressors {
@@ -408,22 +424,26 @@ func (s *Setup) Run(ctx context.Context, ph Phase) (Result, error) {
 			besides[b] <- o
 		}()
 	}
-	kubepods := s.C.Node.Layout().KubepodsCgroup()
-	before, err := cluster.DataDiskIOStat(ctx, s.C.Node, kubepods)
-	if err != nil {
-		return r, err
-	}
-	from := time.Now()
 	v, err := s.fio(ctx, s.victim, victim("/data/"+victimFile))
 	var errs []error
 	if err != nil {
 		errs = append(errs, err)
 	}
-	if after, err := cluster.DataDiskIOStat(ctx, s.C.Node, kubepods); err != nil {
-		errs = append(errs, err)
-	} else {
-		secs := time.Since(from).Seconds()
-		r.PodsReadIOPS, r.PodsWriteIOPS = float64(after.ReadIOs-before.ReadIOs)/secs, float64(after.WriteIOs-before.WriteIOs)/secs
+	// The kernel's count of all pods over the time every aggressor's fio
+	// ran (the victim's when alone), by fio's end times on the node's clock
+	// (the pods' too) less their time-based runtimes.
+	var from, to time.Time
+	window := func(j kdg.FioResult, secs int) {
+		end := time.UnixMilli(j.TimestampMS)
+		if start := end.Add(-time.Duration(secs) * time.Second); from.IsZero() || start.After(from) {
+			from = start
+		}
+		if to.IsZero() || end.Before(to) {
+			to = end
+		}
+	}
+	if len(aggressors) == 0 && err == nil {
+		window(v, s.Seconds)
 	}
 	for range aggressors {
 		a := <-aggs
@@ -433,6 +453,18 @@ func (s *Setup) Run(ctx context.Context, ph Phase) (Result, error) {
 		}
 		r.AggressorReadIOPS += a.j.Jobs[0].Read.IOPS
 		r.AggressorWriteIOPS += a.j.Jobs[0].Write.IOPS
+		window(a.j, s.Seconds+2)
+	}
+	if _, err := s.C.Node.Run(ctx, "touch", stop); err != nil {
+		errs = append(errs, fmt.Errorf("stopping the sampling of %s: %w", kubepods, err))
+	}
+	if p := <-pods; p.err != nil {
+		errs = append(errs, p.err)
+	} else if rd, wr := cluster.Rates(p.samples, from, to, time.Second); len(rd) == 0 && !from.IsZero() {
+		errs = append(errs, fmt.Errorf("%s's io counters: %d samples, none a second apart from %s to %s (the fio runs)", kubepods, len(p.samples), from.Format(time.RFC3339Nano), to.Format(time.RFC3339Nano)))
+	} else if len(rd) > 0 {
+		r.PodsReadIOPS, r.PodsWriteIOPS = Median(rd), Median(wr)
+		r.PodsReadPeak, r.PodsWritePeak = slices.Max(rd), slices.Max(wr)
 	}
 	besideLog := ""
 	for _, b := range s.Besides {
@@ -455,8 +487,8 @@ func (s *Setup) Run(ctx context.Context, ph Phase) (Result, error) {
 	if r.VictimIOPS, r.P50, r.P99, r.P999, err = latency(v, "victim"); err != nil {
 		return r, err
 	}
-	s.logf("%-11s victim %6.0f IOPS  p50 %8s  p99 %8s  p99.9 %8s   aggressors read %7.0f write %7.0f IOPS   all pods (%s) read %7.0f write %7.0f IOPS%s",
-		ph, r.VictimIOPS, us(r.P50), us(r.P99), us(r.P999), r.AggressorReadIOPS, r.AggressorWriteIOPS, kubepods, r.PodsReadIOPS, r.PodsWriteIOPS, besideLog)
+	s.logf("%-11s victim %6.0f IOPS  p50 %8s  p99 %8s  p99.9 %8s   aggressors read %7.0f write %7.0f IOPS   all pods (%s) read %7.0f write %7.0f IOPS (peak %.0f, %.0f)%s",
+		ph, r.VictimIOPS, us(r.P50), us(r.P99), us(r.P999), r.AggressorReadIOPS, r.AggressorWriteIOPS, kubepods, r.PodsReadIOPS, r.PodsWriteIOPS, r.PodsReadPeak, r.PodsWritePeak, besideLog)
 	return r, nil
 }
 
@@ -566,6 +598,8 @@ func Summarize(rs []Result) Summary {
 			AggressorWriteIOPS: med(func(r Result) float64 { return r.AggressorWriteIOPS }),
 			PodsReadIOPS:       med(func(r Result) float64 { return r.PodsReadIOPS }),
 			PodsWriteIOPS:      med(func(r Result) float64 { return r.PodsWriteIOPS }),
+			PodsReadPeak:       med(func(r Result) float64 { return r.PodsReadPeak }),
+			PodsWritePeak:      med(func(r Result) float64 { return r.PodsWritePeak }),
 		}
 		for _, b := range besidesOf(of) {
 			r.Besides[b] = Latency{
@@ -628,13 +662,13 @@ func Median(xs []float64) float64 {
 func Table(rs []Result) string {
 	besides := besidesOf(rs)
 	var b strings.Builder
-	fmt.Fprintf(&b, "%-5s %-11s %9s %9s %9s %9s %12s %12s %10s %10s", "round", "phase", "victim", "p50", "p99", "p99.9", "aggr read", "aggr write", "pods read", "pods write")
+	fmt.Fprintf(&b, "%-5s %-11s %9s %9s %9s %9s %12s %12s %10s %10s %10s %10s", "round", "phase", "victim", "p50", "p99", "p99.9", "aggr read", "aggr write", "pods read", "pods write", "peak read", "peak write")
 	for _, v := range besides {
 		fmt.Fprintf(&b, " %9s %9s", v.header(), v.header()+" p99")
 	}
 	b.WriteString("\n")
 	line := func(round string, r Result) {
-		fmt.Fprintf(&b, "%-5s %-11s %9.0f %9s %9s %9s %12.0f %12.0f %10.0f %10.0f", round, r.Phase, r.VictimIOPS, us(r.P50), us(r.P99), us(r.P999), r.AggressorReadIOPS, r.AggressorWriteIOPS, r.PodsReadIOPS, r.PodsWriteIOPS)
+		fmt.Fprintf(&b, "%-5s %-11s %9.0f %9s %9s %9s %12.0f %12.0f %10.0f %10.0f %10.0f %10.0f", round, r.Phase, r.VictimIOPS, us(r.P50), us(r.P99), us(r.P999), r.AggressorReadIOPS, r.AggressorWriteIOPS, r.PodsReadIOPS, r.PodsWriteIOPS, r.PodsReadPeak, r.PodsWritePeak)
 		for _, v := range besides {
 			fmt.Fprintf(&b, " %9.0f %9s", r.Besides[v].IOPS, us(r.Besides[v].P99))
 		}

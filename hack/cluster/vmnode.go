@@ -552,6 +552,9 @@ func saveGuestLogs(vm *VMState, logsDir string, log io.Writer) {
 		if err != nil {
 			errs = append(errs, fmt.Errorf("journal of %s: %w", u, err))
 			if ctx.Err() != nil {
+				// The guest does not answer: what qemu says of it
+				// (running or stopped, where its vCPUs are).
+				save("qemu-monitor.log", []byte(vmMonitorReport(filepath.Join(vm.Dir, "monitor.sock"))))
 				break
 			}
 			continue
@@ -571,6 +574,35 @@ func saveGuestLogs(vm *VMState, logsDir string, log io.Writer) {
 		fmt.Fprintf(log, "cluster: some of the node's logs were not kept: %v\n", err)
 	}
 	fmt.Fprintf(log, "cluster: the node's journals and logs copied to %s\n", logsDir)
+}
+
+// vmMonitorReport is the qemu monitor's view of a guest that stopped
+// answering: its run state, and each vCPU's instruction pointer and halt
+// flag twice, a second apart (a pointer that moves is a busy guest, HLT=1
+// an idle one).
+func vmMonitorReport(mon string) string {
+	v := &vmm{mon: mon}
+	var b strings.Builder
+	for i, cmd := range []string{"info status", "info registers -a", "info registers -a"} {
+		if i == 2 {
+			time.Sleep(time.Second)
+		}
+		out, err := v.hmp(cmd)
+		if strings.HasPrefix(cmd, "info registers") {
+			var rips []string
+			for _, l := range strings.Split(out, "\n") {
+				if strings.HasPrefix(l, "CPU#") || strings.HasPrefix(l, "RIP=") {
+					rips = append(rips, l)
+				}
+			}
+			out = strings.Join(rips, "\n") + "\n"
+		}
+		fmt.Fprintf(&b, "(qemu) %s\n%s", cmd, out)
+		if err != nil {
+			fmt.Fprintf(&b, "error: %v\n", err)
+		}
+	}
+	return b.String()
 }
 
 // vmNode is the v2 node's Node: everything through the guest agent.

@@ -116,6 +116,12 @@ func TestV2NodeUpSmokeDown(t *testing.T) {
 	checkFailCgroupV1Default(t, ctx, c)
 	checkQoSSlices(t, ctx, c)
 
+	// What Down keeps when the guest stops answering: qemu's view of it.
+	if r := vmMonitorReport(filepath.Join(c.State.VM.Dir, "monitor.sock")); !strings.Contains(r, "VM status: running") || strings.Count(r, "RIP=") < 2 || strings.Contains(r, "error:") {
+		t.Errorf("the monitor's report of a running guest:\n%s", r)
+	} else {
+		t.Logf("the monitor's report of a running guest:\n%s", r)
+	}
 	agent := fmt.Sprintf("127.0.0.1:%d", c.State.VM.AgentPort)
 	api := fmt.Sprintf("127.0.0.1:%d", c.State.VM.APIPort)
 	vmDir := c.State.VM.Dir

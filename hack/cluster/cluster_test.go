@@ -6,12 +6,10 @@ import (
 	"net"
 	"os"
 	"os/exec"
-	"os/signal"
 	"path/filepath"
 	"reflect"
 	"sort"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -406,21 +404,9 @@ func TestStaleKubepodsRemoved(t *testing.T) {
 // the test called the returned func before its own Down. A failed test
 // logs the cluster's logs, then what failLog adds.
 func downOnExit(t *testing.T, dir, what string, failLog func()) (downing func()) {
-	// Ctrl-C (or a kill from `go test -timeout`'s SIGQUIT is not catchable;
-	// SIGINT/SIGTERM are) must not leave a kubelet or a VM behind.
-	sigs := make(chan os.Signal, 1)
-	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
-	go func() {
-		if _, ok := <-sigs; ok {
-			fmt.Fprintln(os.Stderr, "signal: tearing "+what+" down")
-			Down(dir, os.Stderr)
-			os.Exit(1)
-		}
-	}()
+	realtest.OnInterrupt(t, what).Push(func() { Down(dir, os.Stderr) })
 	downDone := false
 	t.Cleanup(func() {
-		signal.Stop(sigs)
-		close(sigs)
 		if !downDone {
 			if err := Down(dir, os.Stderr); err != nil {
 				t.Errorf("teardown: %v", err)

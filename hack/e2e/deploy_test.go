@@ -113,6 +113,7 @@ func setUpDeployment(t *testing.T) (*env, *deployed) {
 	cfg.Dir = filepath.Join(dir, "cluster")
 	d := &deployed{e: e}
 	e.g = d
+	interrupt := onInterrupt(t, dir, cfg.Dir)
 	t.Cleanup(func() { e.tearDown(t) })
 
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Minute)
@@ -160,6 +161,8 @@ func setUpDeployment(t *testing.T) (*env, *deployed) {
 	if d.certMgr, err = certmanager.Start(ctx, assets, e.c.Kubeconfig, filepath.Join(dir, "logs", "cert-manager.log")); err != nil {
 		t.Fatalf("starting cert-manager: %v", err)
 	}
+	certMgr := d.certMgr.Proc
+	interrupt.Push(certMgr.Stop) // before the cluster's Down
 
 	overlay, err := writeOverlay(filepath.Join(dir, "overlay"), filepath.Join(root, "manifests"), e.c.Node.ContainerdSocket(), e.c.Node.DataDir())
 	if err != nil {

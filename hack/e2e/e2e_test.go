@@ -148,6 +148,7 @@ func setUp(t testing.TB) *env {
 	}
 	e := &env{dir: dir, f: figuresFor(cfg.Node)}
 	cfg.Dir = filepath.Join(dir, "cluster")
+	onInterrupt(t, dir, cfg.Dir)
 	t.Cleanup(func() { e.tearDown(t) })
 
 	ctx, cancel := context.WithTimeout(context.Background(), e.f.slowed(2*time.Minute))
@@ -196,6 +197,28 @@ func (e *env) prepare(ctx context.Context) error {
 		}
 	}
 	return nil
+}
+
+// onInterrupt backs up tearDown when the test binary gets SIGINT or
+// SIGTERM (a Ctrl-C of make test): the cluster in clusterDir is torn down
+// (with it the VM, and the binaries the tests started on the node), then dir
+// is removed unless mounts are left in it. What a test adds on the host
+// (cert-manager) it pushes on the returned Interrupt.
+func onInterrupt(t testing.TB, dir, clusterDir string) *realtest.Interrupt {
+	in := realtest.OnInterrupt(t, "the e2e cluster in "+clusterDir)
+	in.Push(func() {
+		if m := cluster.MountsUnder(dir); len(m) > 0 {
+			fmt.Fprintf(os.Stderr, "mounts left under %s, not removing it: %v\n", dir, m)
+			return
+		}
+		os.RemoveAll(dir)
+	})
+	in.Push(func() {
+		if err := cluster.Down(clusterDir, os.Stderr); err != nil {
+			fmt.Fprintf(os.Stderr, "cluster down: %v\n", err)
+		}
+	})
+	return in
 }
 
 func (e *env) tearDown(t testing.TB) {

@@ -161,8 +161,7 @@ func setUpDeployment(t *testing.T) (*env, *deployed) {
 	if d.certMgr, err = certmanager.Start(ctx, assets, e.c.Kubeconfig, filepath.Join(dir, "logs", "cert-manager.log")); err != nil {
 		t.Fatalf("starting cert-manager: %v", err)
 	}
-	certMgr := d.certMgr.Proc
-	interrupt.Push(certMgr.Stop) // before the cluster's Down
+	interrupt.Push(d.certMgr.Proc.Stop) // before the cluster's Down
 
 	overlay, err := writeOverlay(filepath.Join(dir, "overlay"), filepath.Join(root, "manifests"), e.c.Node.ContainerdSocket(), e.c.Node.DataDir())
 	if err != nil {
